@@ -1,0 +1,126 @@
+"""Zeroth-order engine: MeZO steps (Malladi et al., 2023, arXiv 2305.17333, Algorithm 1).
+
+One step on seed ``s`` with batch ``B`` (ε = epsilon, η = learning rate):
+
+    theta += ε z(s)              L+ = L(theta; B)
+    theta -= 2ε z(s)             L- = L(theta; B)
+    g = (L+ - L-) / (2ε)         the projected gradient: the scalar sent to the coordinator
+    theta += (ε - η g) z(s)      restore and update in one pass (Algorithm 1 uses two)
+
+Every pass is in place on the flat parameter space; there is no autograd graph, no
+optimizer state and no copy of the weights, so the step's peak memory is that of a
+forward pass. ``z`` is the protocol's device-independent direction, not torch's RNG.
+The seeds come from the coordinator: all clients of a round step along the same
+directions, which is what lets the coordinator aggregate per seed (FedKSeed, arXiv
+2312.06353, §3; CyBeR-0 for robust per-seed aggregation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edge_client.engines.base import BatchSource, Engine, EngineError, LocalUpdate, ProgressFn, RoundPlan
+from edge_client.space import ParameterSpace
+
+__all__ = ["MeZOConfig", "MeZOEngine"]
+
+LossFn = Callable[[torch.nn.Module, Any], float]
+
+
+@dataclass(frozen=True)
+class MeZOConfig:
+    """Settings of the zeroth-order engine.
+
+    Attributes:
+        chunk_tokens: rows of the output projection computed at once by the loss; bounds
+            the logits buffer to chunk_tokens x vocabulary floats.
+        probe_losses: measure the loss of the round's first batch before and after the
+            local steps (two extra forward passes) for the update's loss_before/after.
+    """
+
+    chunk_tokens: int = 1024
+    probe_losses: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+def _default_loss(chunk_tokens: int) -> LossFn:
+    from edge_client.loss import causal_lm_loss
+
+    def loss(model: torch.nn.Module, batch: Any) -> float:
+        value, _ = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+        return value
+
+    return loss
+
+
+class MeZOEngine(Engine):
+    """Zeroth-order SPSA steps on the coordinator's seeds."""
+
+    name = "mezo"
+    config_cls = MeZOConfig
+
+    def __init__(self, model: torch.nn.Module, space: ParameterSpace, config: MeZOConfig | None = None,
+                 *, loss_fn: LossFn | None = None) -> None:
+        super().__init__(model, space, config)
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.config.chunk_tokens)
+
+    def _loss(self, batch: Any) -> float:
+        value = float(self.loss_fn(self.model, batch))
+        if not math.isfinite(value):
+            raise EngineError(f"the loss is not finite ({value}); lower the learning rate or epsilon")
+        return value
+
+    @torch.no_grad()
+    def step(self, seed: int, batch: Any, learning_rate: float, epsilon: float) -> tuple[float, float, float]:
+        """One MeZO step in place. Returns (projected gradient, L+, L-)."""
+        space = self.space
+        space.apply(seed, epsilon)
+        loss_plus = self._loss(batch)
+        space.apply(seed, -2.0 * epsilon)
+        loss_minus = self._loss(batch)
+        grad = (loss_plus - loss_minus) / (2.0 * epsilon)
+        space.apply(seed, epsilon - learning_rate * grad)
+        return grad, loss_plus, loss_minus
+
+    def train_round(self, plan: RoundPlan, data: BatchSource, progress: ProgressFn | None = None) -> LocalUpdate:
+        started = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()  # no dropout: L+ and L- must see the same function
+        try:
+            pairs = []
+            probe: Any = None
+            loss_before = math.nan
+            steps = len(plan.seeds)
+            for index, seed in enumerate(plan.seeds):
+                batch = data.next_batch()
+                if index == 0 and self.config.probe_losses:
+                    probe = batch
+                    loss_before = self._loss(probe)
+                grad, loss_plus, loss_minus = self.step(seed, batch, plan.learning_rate, plan.epsilon)
+                pairs.append((seed, grad))
+                if index == 0 and not self.config.probe_losses:
+                    loss_before = 0.5 * (loss_plus + loss_minus)
+                if progress is not None:
+                    progress(index + 1, steps, 0.5 * (loss_plus + loss_minus))
+            if self.config.probe_losses:
+                loss_after = self._loss(probe)
+            else:
+                loss_after = 0.5 * (loss_plus + loss_minus)
+        finally:
+            self.model.train(was_training)
+        return LocalUpdate(
+            pairs=tuple(pairs),
+            num_examples=steps * plan.batch_size,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            seconds=time.perf_counter() - started,
+        )

@@ -1,0 +1,208 @@
+"""The parameter space: every trainable parameter as a view into one flat float32 buffer.
+
+Seeded perturbations address elements of one flat, ordered space (PROTOCOL.md §5.1).
+Rather than walk hundreds of tensors per perturbation, the client moves the trainable
+parameters into a single contiguous buffer once and points each parameter's ``.data``
+at its slice: a perturbation is then one kernel over one buffer, the fingerprint is one
+hash over one buffer, and the model itself is untouched (its modules still see ordinary
+parameters). The move costs no extra memory beyond one parameter at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from protocol.perturb import Backend, apply_gaussian, apply_rademacher, padded_length
+
+__all__ = ["ParameterSpace", "SpaceError", "HostCopy", "Distribution"]
+
+logger = logging.getLogger(__name__)
+
+Distribution = Literal["rademacher", "gaussian"]
+
+# Bytes hashed per update() call when fingerprinting: bounds the temporary CPU copy
+# that a GPU-resident space needs.
+_HASH_CHUNK_ELEMENTS = 1 << 24
+
+
+class SpaceError(ValueError):
+    """The parameters cannot form a parameter space (dtype, sharing, shape mismatch)."""
+
+
+@dataclass(frozen=True)
+class SpaceEntry:
+    """Where one named parameter lives in the flat space."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+class ParameterSpace:
+    """An ordered set of float32 parameters stored in one padded flat buffer.
+
+    Build it with :meth:`adopt`, which takes over the parameters' storage. Elements are
+    ordered by entry (ascending name) then row-major within each tensor; the buffer is
+    padded with zeros to a multiple of 64 elements (padding is never read or hashed).
+    """
+
+    def __init__(self, flat: torch.Tensor, entries: Sequence[SpaceEntry], distribution: Distribution,
+                 backend: Backend = "auto") -> None:
+        self.flat = flat
+        self.entries = tuple(entries)
+        self.numel = sum(e.numel for e in entries)
+        self.distribution: Distribution = distribution
+        self.backend: Backend = backend
+
+    @classmethod
+    def adopt(
+        cls,
+        named_parameters: Sequence[tuple[str, torch.nn.Parameter]],
+        *,
+        distribution: Distribution = "rademacher",
+        backend: Backend = "auto",
+    ) -> ParameterSpace:
+        """Move the given parameters into one flat buffer, ordered by name.
+
+        Args:
+            named_parameters: (canonical name, parameter) pairs; names must be unique and
+                each parameter must appear once (tied weights under one name).
+            distribution: the direction the seeds name.
+            backend: perturbation backend (see :func:`protocol.perturb.apply_rademacher`).
+
+        Raises:
+            SpaceError: empty, duplicate names or parameters, or a non-float32 parameter.
+        """
+        if not named_parameters:
+            raise SpaceError("the parameter scope selects no parameters")
+        ordered = sorted(named_parameters, key=lambda item: item[0].encode("utf-8"))
+        seen_names: set[str] = set()
+        seen_ids: set[int] = set()
+        for name, param in ordered:
+            if name in seen_names:
+                raise SpaceError(f"parameter name {name!r} appears twice")
+            if id(param) in seen_ids:
+                raise SpaceError(f"parameter {name!r} is shared under two names")
+            if param.dtype != torch.float32:
+                raise SpaceError(
+                    f"trainable parameter {name!r} is {param.dtype}; trainable parameters "
+                    "must be float32 (a zeroth-order update of ~1e-6 vanishes in 16-bit)"
+                )
+            seen_names.add(name)
+            seen_ids.add(id(param))
+        device = ordered[0][1].device
+        total = sum(p.numel() for _, p in ordered)
+        flat = torch.zeros(padded_length(total), dtype=torch.float32, device=device)
+        entries = []
+        offset = 0
+        with torch.no_grad():
+            for name, param in ordered:
+                numel = param.numel()
+                view = flat[offset : offset + numel].view(param.shape)
+                view.copy_(param.data)
+                param.data = view  # the old storage is freed here
+                entries.append(SpaceEntry(name, tuple(param.shape), offset, numel))
+                offset += numel
+        logger.debug("parameter space: %d tensors, %d elements", len(entries), total)
+        return cls(flat, entries, distribution, backend)
+
+    # -- the canonical operations -------------------------------------------------
+
+    def apply(self, seed: int, coefficient: float) -> None:
+        """``theta <- theta + fl32(coefficient) * z(seed)`` over the whole space."""
+        if self.distribution == "rademacher":
+            apply_rademacher(self.flat, seed, coefficient, backend=self.backend)
+        else:
+            apply_gaussian(self.flat, seed, coefficient)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the space's ``numel`` float32 values, little-endian, in order."""
+        digest = hashlib.sha256()
+        real = self.flat[: self.numel]
+        for start in range(0, self.numel, _HASH_CHUNK_ELEMENTS):
+            chunk = real[start : start + _HASH_CHUNK_ELEMENTS].detach().cpu().numpy()
+            digest.update(chunk.astype("<f4", copy=False).tobytes())
+        return digest.hexdigest()
+
+    def values(self) -> torch.Tensor:
+        """The real (unpadded) elements, as a view."""
+        return self.flat[: self.numel]
+
+    def load(self, values: torch.Tensor | np.ndarray) -> None:
+        """Overwrite the space with ``numel`` float32 values (padding is zeroed)."""
+        source = torch.as_tensor(values)
+        if source.numel() != self.numel:
+            raise SpaceError(f"expected {self.numel} values, got {source.numel()}")
+        with torch.no_grad():
+            self.flat[: self.numel].copy_(source.reshape(-1))
+            self.flat[self.numel :].zero_()
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.entries]
+
+
+class HostCopy:
+    """A copy of a parameter space kept off the training device.
+
+    Used for the base weights (theta_0) and for the round-start snapshot that a client
+    restores before applying a committed round (local training drifts from the ledger's
+    model; PROTOCOL.md §6.3). ``where="memory"`` keeps a CPU tensor; ``where="file"``
+    keeps a memory-mapped file, so a CPU-only client's copy lives in the page cache and
+    can be evicted rather than count against its RAM budget.
+    """
+
+    def __init__(self, numel: int, *, where: Literal["memory", "file"] = "memory",
+                 directory: str | os.PathLike | None = None) -> None:
+        self.numel = numel
+        self.where = where
+        self._path: Path | None = None
+        if where == "memory":
+            self._store: torch.Tensor | np.memmap = torch.empty(numel, dtype=torch.float32)
+        else:
+            handle, name = tempfile.mkstemp(prefix="edgefed-copy-", suffix=".f32", dir=directory)
+            os.close(handle)
+            self._path = Path(name)
+            self._store = np.memmap(self._path, dtype="<f4", mode="w+", shape=(numel,))
+        self.valid = False
+
+    def save(self, space: ParameterSpace) -> None:
+        """Copy the space's values in."""
+        values = space.values().detach()
+        if isinstance(self._store, torch.Tensor):
+            self._store.copy_(values)
+        else:
+            self._store[:] = values.cpu().numpy()
+            self._store.flush()
+        self.valid = True
+
+    def restore(self, space: ParameterSpace) -> None:
+        """Copy the stored values back into the space."""
+        if not self.valid:
+            raise SpaceError("nothing saved in this copy")
+        if isinstance(self._store, torch.Tensor):
+            space.load(self._store)
+        else:
+            space.load(torch.from_numpy(np.asarray(self._store)))
+
+    def close(self) -> None:
+        if self._path is not None:
+            del self._store
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
