@@ -38,6 +38,18 @@ from typing import Literal
 
 import torch
 
+from protocol.seeds import (
+    GAMMA,
+    MIX_MUL_1,
+    MIX_MUL_2,
+    WORD_BITS,
+    PerturbationError,
+    mix64,
+    rademacher_signs,
+    seed_key,
+    word,
+)
+
 __all__ = [
     "GAMMA",
     "WORD_BITS",
@@ -47,19 +59,13 @@ __all__ = [
     "apply_gaussian",
     "mix64",
     "padded_length",
+    "rademacher_tensor",
     "rademacher_signs",
     "seed_key",
     "word",
 ]
 
 logger = logging.getLogger(__name__)
-
-MASK64 = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: the odd integer nearest 2**64 / golden ratio
-MIX_MUL_1 = 0xBF58476D1CE4E5B9  # SplitMix64 (Steele, Lea, Flood 2014; Vigna's constants)
-MIX_MUL_2 = 0x94D049BB133111EB
-WORD_BITS = 64
-MAX_SEED = (1 << 63) - 1
 
 # Below this many elements the eager path is faster than paying for compilation.
 COMPILE_MIN_ELEMENTS = 1 << 22
@@ -69,57 +75,14 @@ EAGER_CHUNK_WORDS = 1 << 14
 Backend = Literal["auto", "compiled", "eager"]
 
 
-class PerturbationError(ValueError):
-    """A perturbation was asked for with an invalid seed, tensor or coefficient."""
-
-
 # ---------------------------------------------------------------------------
-# Pure-Python reference (the specification, executable)
+# Tensor implementation
 # ---------------------------------------------------------------------------
-
-
-def mix64(x: int) -> int:
-    """SplitMix64's output function on a 64-bit unsigned integer."""
-    z = x & MASK64
-    z = ((z ^ (z >> 30)) * MIX_MUL_1) & MASK64
-    z = ((z ^ (z >> 27)) * MIX_MUL_2) & MASK64
-    return z ^ (z >> 31)
-
-
-def seed_key(seed: int) -> int:
-    """The 64-bit key of a seed: ``mix64(seed + GAMMA)``."""
-    _check_seed(seed)
-    return mix64(seed + GAMMA)
-
-
-def word(seed: int, index: int) -> int:
-    """Word ``index`` of a seed's stream: ``mix64(key(seed) + index * GAMMA)``."""
-    return mix64(seed_key(seed) + index * GAMMA)
-
-
-def rademacher_signs(seed: int, count: int, start: int = 0) -> list[int]:
-    """The signs ``z[start:start+count]`` as Python ints (+1/-1), computed bit by bit."""
-    key = seed_key(seed)
-    signs = []
-    for i in range(start, start + count):
-        w = mix64(key + (i // WORD_BITS) * GAMMA)
-        signs.append(-1 if (w >> (i % WORD_BITS)) & 1 else 1)
-    return signs
 
 
 def padded_length(n: int) -> int:
     """Smallest multiple of 64 that holds ``n`` elements (flat buffers are padded to it)."""
     return -(-n // WORD_BITS) * WORD_BITS
-
-
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise PerturbationError(f"seed must be an int in [0, 2**63), got {seed!r}")
-
-
-# ---------------------------------------------------------------------------
-# Tensor implementation
-# ---------------------------------------------------------------------------
 
 
 def _signed64(x: int) -> int:
