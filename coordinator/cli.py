@@ -1,0 +1,70 @@
+"""``edgefed-coordinator``: host a federation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from coordinator.config import ConfigError, load_config
+from coordinator.ledger import Ledger, LedgerError
+from coordinator.server import Coordinator
+
+# CLI flag -> FederationConfig field
+_OVERRIDES = {
+    "federation_id": str, "model_name": str, "model_hash": str, "scope": str, "seed_pool_size": int,
+    "rebase_every": int, "perturbation": str, "learning_rate": float, "epsilon": float, "local_steps": int,
+    "batch_size": int, "max_seq_len": int, "rounds": int, "clients_per_round": int, "quorum": int,
+    "min_clients": int, "deadline_s": float, "commit_wait_s": float, "ledger_path": str, "host": str,
+    "port": int, "lora_rank": int, "lora_init_seed": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefed-coordinator", description=__doc__)
+    parser.add_argument("--config", type=Path, help="federation TOML file (see coordinator/config.py)")
+    for name, kind in _OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                            help=f"override {name}")
+    parser.add_argument("--port-file", type=Path, help="write the listening port here once serving")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def _serve(coordinator: Coordinator, port_file: Path | None) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, coordinator.stop)
+    runner = asyncio.create_task(coordinator.run())
+    while coordinator.port is None and not runner.done():
+        await asyncio.sleep(0.05)
+    if port_file is not None and coordinator.port is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(coordinator.port))
+        tmp.replace(port_file)
+    await runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s coordinator %(levelname)s %(message)s")
+    overrides = {name: getattr(args, name) for name in _OVERRIDES}
+    try:
+        config = load_config(args.config, overrides)
+        with Ledger(config.ledger_path) as ledger:
+            coordinator = Coordinator(config, ledger)
+            asyncio.run(_serve(coordinator, args.port_file))
+    except (ConfigError, LedgerError) as error:
+        print(f"edgefed-coordinator: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"edgefed-coordinator: cannot listen on {args.host or '127.0.0.1'}:{args.port}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

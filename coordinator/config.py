@@ -1,0 +1,226 @@
+"""Federation configuration: a TOML file plus command-line overrides.
+
+Example (every key optional except where noted)::
+
+    [federation]
+    id = "demo"
+    rounds = 20                 # rounds to run; 0 = run until stopped
+
+    [model]
+    name = "smollm2-135m"
+    hash = "<sha256 of the base weights>"   # required: clients must match it
+
+    [training]
+    scope = "full"              # or "lora"
+    seed_pool_size = 1024       # K; 0 = fresh seeds every round
+    rebase_every = 8
+    learning_rate = 1e-6
+    epsilon = 1e-3
+    local_steps = 10
+    batch_size = 4
+    max_seq_len = 128
+
+    [rounds]
+    clients_per_round = 3
+    quorum = 2
+    deadline_s = 600
+    min_clients = 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol import limits
+
+__all__ = ["ConfigError", "FederationConfig", "load_config"]
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """The federation configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the coordinator decides for a federation.
+
+    Attributes:
+        federation_id: name of the federation (letters, digits, ``_.-``).
+        model_name: the model clients load (informational; identity is the hash).
+        model_hash: SHA-256 of the base weights (edge_client.model.base_weights_hash).
+        scope: "full" or "lora".
+        lora_rank, lora_alpha, lora_targets, lora_init_seed: the LoRA scope.
+        seed_pool_size: K seeds in the pool; 0 draws fresh seeds each round.
+        rebase_every: every this many rounds the model is defined from theta_0 and the
+            seed table (PROTOCOL.md §6); bounds catch-up to one table plus this many rounds.
+        perturbation: "rademacher" (bit-exact) or "gaussian".
+        aggregation: how per-seed scalars are combined ("mean").
+        learning_rate, epsilon: the MeZO step size and perturbation scale.
+        local_steps: seeds per round (each client takes one step per seed).
+        batch_size, max_seq_len: the clients' batch shape.
+        rounds: rounds to run (0 = until stopped).
+        clients_per_round: clients asked to train in a round.
+        quorum: updates needed to commit at the deadline.
+        min_clients: connected clients needed before a round opens.
+        deadline_s: seconds a round waits for its updates.
+        commit_wait_s: seconds to wait for fingerprints after a commit before the next round.
+        ledger_path: the SQLite ledger file.
+        host, port: where to listen.
+    """
+
+    model_hash: str
+    federation_id: str = "edgefed"
+    model_name: str = "smollm2-135m"
+    scope: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_init_seed: int = 0
+    seed_pool_size: int = 1024
+    rebase_every: int = 8
+    perturbation: str = "rademacher"
+    aggregation: str = "mean"
+    learning_rate: float = 1e-6
+    epsilon: float = 1e-3
+    local_steps: int = 10
+    batch_size: int = 4
+    max_seq_len: int = 128
+    rounds: int = 10
+    clients_per_round: int = 3
+    quorum: int = 2
+    min_clients: int = 1
+    deadline_s: float = 600.0
+    commit_wait_s: float = 0.0
+    ledger_path: str = "federation.db"
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{key}: {why} (got {getattr(self, key)!r})")
+
+        if not _ID.match(self.federation_id):
+            raise bad("federation_id", "1-64 letters, digits or _.-")
+        if not _HEX64.match(self.model_hash):
+            raise bad("model_hash", "must be 64 lowercase hex characters (the client prints it)")
+        if self.scope not in ("full", "lora"):
+            raise bad("scope", "must be 'full' or 'lora'")
+        if self.scope == "lora" and self.lora_rank < 1:
+            raise bad("lora_rank", "must be >= 1")
+        if self.perturbation not in ("rademacher", "gaussian"):
+            raise bad("perturbation", "must be 'rademacher' or 'gaussian'")
+        if self.aggregation not in ("mean",):
+            raise bad("aggregation", "must be 'mean'")
+        if not 0 <= self.seed_pool_size <= limits.MAX_TABLE_ENTRIES:
+            raise bad("seed_pool_size", f"must be between 0 and {limits.MAX_TABLE_ENTRIES}")
+        if self.rebase_every < 1:
+            raise bad("rebase_every", "must be >= 1")
+        if not 1 <= self.local_steps <= limits.MAX_SEEDS_PER_ROUND:
+            raise bad("local_steps", f"must be between 1 and {limits.MAX_SEEDS_PER_ROUND}")
+        if self.seed_pool_size and self.local_steps > self.seed_pool_size:
+            raise bad("local_steps", "cannot exceed seed_pool_size (seeds in a round are distinct)")
+        for key in ("learning_rate", "epsilon", "deadline_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be > 0")
+        for key in ("batch_size", "max_seq_len", "clients_per_round", "quorum", "min_clients"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        if self.quorum > self.clients_per_round:
+            raise bad("quorum", "cannot exceed clients_per_round")
+        if self.rounds < 0:
+            raise bad("rounds", "must be >= 0")
+        if self.commit_wait_s < 0:
+            raise bad("commit_wait_s", "must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "must be a TCP port")
+
+    def identity(self) -> dict[str, str]:
+        """The settings a ledger is bound to: changing them under an existing ledger is refused."""
+        return {
+            "federation_id": self.federation_id,
+            "model_hash": self.model_hash,
+            "scope": f"{self.scope}:{self.lora_rank}:{self.lora_alpha}:{','.join(self.lora_targets)}:{self.lora_init_seed}"
+            if self.scope == "lora" else "full",
+            "perturbation": self.perturbation,
+            "rebase_every": str(self.rebase_every),
+            "seed_pool_size": str(self.seed_pool_size),
+        }
+
+
+# TOML table -> {toml key: dataclass field}
+_TOML_KEYS: dict[str, dict[str, str]] = {
+    "federation": {"id": "federation_id", "rounds": "rounds", "ledger": "ledger_path"},
+    "model": {"name": "model_name", "hash": "model_hash"},
+    "training": {
+        "scope": "scope", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
+        "lora_targets": "lora_targets", "lora_init_seed": "lora_init_seed",
+        "seed_pool_size": "seed_pool_size", "rebase_every": "rebase_every",
+        "perturbation": "perturbation", "aggregation": "aggregation",
+        "learning_rate": "learning_rate", "epsilon": "epsilon", "local_steps": "local_steps",
+        "batch_size": "batch_size", "max_seq_len": "max_seq_len",
+    },
+    "rounds": {
+        "clients_per_round": "clients_per_round", "quorum": "quorum", "min_clients": "min_clients",
+        "deadline_s": "deadline_s", "commit_wait_s": "commit_wait_s",
+    },
+    "server": {"host": "host", "port": "port"},
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(FederationConfig)}
+    expected = fields[name].type
+    if expected in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if expected in ("float",):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if expected == "str" and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if name == "lora_targets":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of module names, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """Read a TOML file (optional) and apply overrides (dataclass field names).
+
+    Raises:
+        ConfigError: unreadable file, unknown table or key, wrong type, invalid value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for table, content in document.items():
+            if table not in _TOML_KEYS or not isinstance(content, dict):
+                raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join(_TOML_KEYS)}")
+            for key, value in content.items():
+                if key not in _TOML_KEYS[table]:
+                    raise ConfigError(f"{path}: unknown key {table}.{key}")
+                name = _TOML_KEYS[table][key]
+                values[name] = _coerce(name, value)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    if "model_hash" not in values:
+        raise ConfigError("model_hash: required ([model] hash in the config, or --model-hash)")
+    try:
+        return FederationConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,508 @@
+"""The coordinator: an asyncio websockets server that runs rounds and keeps the ledger.
+
+It never loads model weights. Per connection it speaks the handshake (challenge, hello,
+welcome/reject) and then relays messages between the socket and the round driver; the
+rules of a round live in :mod:`protocol.round`, the arithmetic in
+:mod:`coordinator.aggregate`, storage in :mod:`coordinator.ledger`. A plain HTTP GET on
+``/status`` of the same port returns the federation's state as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from coordinator.aggregate import aggregate
+from coordinator.config import FederationConfig
+from coordinator.ledger import Contribution, Ledger
+from protocol import codec, limits
+from protocol.errors import PeerProtocolError, VersionMismatch
+from protocol.messages import (
+    Challenge,
+    DeviceProfile,
+    Error,
+    FederationInfo,
+    Fingerprint,
+    Goodbye,
+    Hello,
+    Message,
+    Reject,
+    RoundCommit,
+    RoundEntry,
+    RoundTask,
+    ScopeSpec,
+    SyncRequest,
+    SyncResponse,
+    Update,
+    UpdateAck,
+    Welcome,
+)
+from protocol.round import RoundMachine, RoundState, UpdateRefused
+from protocol.seeds import pool_seed
+
+__all__ = ["Coordinator"]
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 30.0  # a client that does not say hello within this is dropped
+FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
+
+
+@dataclass
+class ClientSession:
+    """What the coordinator knows about one connected client."""
+
+    client_id: str
+    connection: ServerConnection
+    device: DeviceProfile
+    mode: str
+    round: int  # the last round this client holds (reported by fingerprint or hello)
+    connected_at: float = field(default_factory=time.time)
+    busy_round: int | None = None  # round it is training, until its update arrives
+    fingerprint: str | None = None
+    flagged: bool = False
+    last_loss_before: float | None = None
+    last_loss_after: float | None = None
+    bytes_received: int = 0
+
+
+class Coordinator:
+    """Runs one federation.
+
+    Args:
+        config: the federation's settings.
+        ledger: an open ledger; its identity meta is checked against ``config``.
+    """
+
+    def __init__(self, config: FederationConfig, ledger: Ledger) -> None:
+        self.config = config
+        self.ledger = ledger
+        for key, value in config.identity().items():
+            ledger.set_meta_once(key, value)
+        stored_pool_key = ledger.get_meta("pool_key")
+        if stored_pool_key is None:
+            ledger.set_meta_once("pool_key", str(secrets.randbits(63)))
+            stored_pool_key = ledger.get_meta("pool_key")
+        self.pool_key = int(stored_pool_key or 0)
+        self.sessions: dict[str, ClientSession] = {}
+        self.machine: RoundMachine | None = None
+        self._changed = asyncio.Event()  # any session / round change wakes the driver
+        self._stopping = asyncio.Event()
+        self._server: Server | None = None
+        self.port: int | None = None
+        self.started_at = time.time()
+        self.finished = False
+        self.federation = FederationInfo(
+            federation_id=config.federation_id,
+            model_name=config.model_name,
+            model_hash=config.model_hash,
+            scope=ScopeSpec(
+                kind=config.scope,
+                lora_rank=config.lora_rank if config.scope == "lora" else 0,
+                lora_alpha=config.lora_alpha,
+                lora_targets=tuple(config.lora_targets) if config.scope == "lora" else (),
+                lora_init_seed=config.lora_init_seed,
+            ),
+            seed_pool_size=config.seed_pool_size,
+            rebase_every=config.rebase_every,
+            perturbation=config.perturbation,
+            aggregation=config.aggregation,
+            learning_rate=config.learning_rate,
+            epsilon=config.epsilon,
+            local_steps=config.local_steps,
+            batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the configured rounds are committed (or :meth:`stop`)."""
+        async with serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=limits.MAX_FRAME_BYTES,
+            ping_interval=20,
+            ping_timeout=60,
+        ) as server:
+            self._server = server
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            logger.info("coordinator %s listening on ws://%s:%d (ledger %s, last round %d)",
+                        self.config.federation_id, self.config.host, self.port,
+                        self.config.ledger_path, self.ledger.last_round())
+            driver = asyncio.create_task(self._drive_rounds())
+            stop = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({driver, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if driver in done:
+                driver.result()  # re-raise a driver failure
+            else:
+                driver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await driver
+            stop.cancel()
+            await self._say_goodbye("federation complete" if self.finished else "coordinator stopping")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _say_goodbye(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(session.connection, Goodbye(reason=reason))
+                await session.connection.close(1000, reason)
+
+    # -- rounds -----------------------------------------------------------------------
+
+    def _ready_clients(self) -> list[ClientSession]:
+        last = self.ledger.last_round()
+        return [s for s in self.sessions.values() if s.round == last and s.busy_round is None and not s.flagged]
+
+    async def _wait_for(self, predicate: Any, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate():
+            self._changed.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
+
+    def _poke(self) -> None:
+        self._changed.set()
+
+    async def _drive_rounds(self) -> None:
+        config = self.config
+        while config.rounds == 0 or self.ledger.last_round() < config.rounds:
+            await self._wait_for(lambda: len(self._ready_clients()) >= config.min_clients)
+            round_number = self.ledger.last_round() + 1
+            attempt = 0
+            while True:
+                await self._wait_for(lambda: len(self._ready_clients()) >= config.min_clients)
+                committed = await self._run_attempt(round_number, attempt)
+                if committed:
+                    break
+                attempt += 1
+            if config.commit_wait_s:
+                await self._wait_for(self._all_reported, config.commit_wait_s)
+        self.finished = True
+        logger.info("all %d rounds committed; waiting for fingerprints", config.rounds)
+        await self._wait_for(self._all_reported, FINAL_FINGERPRINT_WAIT_S)
+        self._log_fingerprint_agreement(self.ledger.last_round())
+
+    def _all_reported(self) -> bool:
+        last = self.ledger.last_round()
+        return all(s.round >= last for s in self.sessions.values())
+
+    def _seeds_for(self, round_number: int, attempt: int) -> list[int]:
+        rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}")
+        steps = self.config.local_steps
+        if self.config.seed_pool_size:
+            indices = rng.sample(range(self.config.seed_pool_size), steps)
+            seeds = [pool_seed(self.pool_key, index) for index in indices]
+            if len(set(seeds)) == len(seeds):
+                return seeds
+        seeds_set: dict[int, None] = {}
+        while len(seeds_set) < steps:
+            seeds_set[rng.getrandbits(63)] = None
+        return list(seeds_set)
+
+    async def _run_attempt(self, round_number: int, attempt: int) -> bool:
+        config = self.config
+        ready = sorted(self._ready_clients(), key=lambda s: s.client_id)
+        rng = random.Random(f"clients:{self.pool_key}:{round_number}:{attempt}")
+        chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
+        seeds = self._seeds_for(round_number, attempt)
+        quorum = min(config.quorum, len(chosen))
+        machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum)
+        self.machine = machine
+        task = RoundTask(
+            round=round_number, attempt=attempt, base_round=round_number - 1, seeds=tuple(seeds),
+            learning_rate=config.learning_rate, epsilon=config.epsilon, batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len, scope=config.scope, deadline_s=config.deadline_s,
+        )
+        logger.info("round %d attempt %d: %d seeds to %s", round_number, attempt, len(seeds),
+                    ", ".join(s.client_id for s in chosen))
+        for session in chosen:
+            session.busy_round = round_number
+            await self._send_safely(session, task)
+        finished = await self._wait_for(lambda: machine.is_ready() or self._only_missing_are_gone(machine),
+                                        config.deadline_s)
+        if not machine.is_ready():
+            state = machine.deadline()
+            if state is RoundState.ABANDONED:
+                logger.warning("round %d attempt %d abandoned: %d of %d updates, quorum %d%s",
+                               round_number, attempt, len(machine.updates), len(chosen), quorum,
+                               "" if finished else " (deadline)")
+                self._release(chosen)
+                return False
+        updates = [machine.updates[cid] for cid in sorted(machine.updates)]
+        coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation)
+        contributions = [
+            Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after, tuple(u.pairs)) for u in updates
+        ]
+        record = self.ledger.commit_round(round_number, attempt, coefficients, contributions)
+        machine.committed()
+        self._release(chosen)
+        logger.info("round %d committed: %d updates, loss %.4f -> %.4f", round_number, record.num_updates,
+                    record.loss_before or float("nan"), record.loss_after or float("nan"))
+        commit = RoundCommit(
+            round=record.round, attempt=record.attempt, coefficients=record.coefficients, totals=record.totals,
+            table_digest=record.table_digest, num_updates=record.num_updates,
+        )
+        for session in list(self.sessions.values()):
+            await self._send_safely(session, commit)
+        self._poke()
+        return True
+
+    def _only_missing_are_gone(self, machine: RoundMachine) -> bool:
+        """All assigned clients still connected have answered, and that makes quorum."""
+        missing_connected = [cid for cid in machine.missing() if cid in self.sessions]
+        return not missing_connected and len(machine.updates) >= machine.quorum
+
+    def _release(self, chosen: list[ClientSession]) -> None:
+        for session in chosen:
+            session.busy_round = None
+
+    # -- fingerprints ---------------------------------------------------------------------
+
+    def _check_fingerprints(self, round_number: int) -> None:
+        reported = self.ledger.fingerprints(round_number)
+        if len(reported) < 2:
+            return
+        majority, _ = Counter(reported.values()).most_common(1)[0]
+        for client_id, value in reported.items():
+            session = self.sessions.get(client_id)
+            if session is None:
+                continue
+            disagrees = value != majority
+            if disagrees and not session.flagged:
+                logger.warning("client %s: fingerprint of round %d disagrees with the majority", client_id, round_number)
+            session.flagged = disagrees
+
+    def _log_fingerprint_agreement(self, round_number: int) -> None:
+        reported = self.ledger.fingerprints(round_number)
+        distinct = set(reported.values())
+        logger.info("round %d: %d fingerprints, %d distinct", round_number, len(reported), len(distinct))
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _send(self, connection: ServerConnection, message: Message) -> None:
+        await connection.send(codec.encode(message))
+
+    async def _send_safely(self, session: ClientSession, message: Message) -> None:
+        try:
+            await self._send(session.connection, message)
+        except ConnectionClosed:
+            logger.info("client %s: connection closed while sending %s", session.client_id, message.TYPE)
+
+    async def _refuse(self, connection: ServerConnection, error: PeerProtocolError) -> None:
+        field_name = getattr(error, "path", None)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(connection, Error(code=error.error_code, message=str(error)[:limits.MAX_STRING_CHARS],
+                                               field=field_name, round=None))
+            await connection.close(error.close_code, error.error_code)
+
+    async def _receive(self, connection: ServerConnection, timeout: float | None = None) -> Message:
+        frame = await asyncio.wait_for(connection.recv(), timeout)
+        if isinstance(frame, str):
+            raise _TextFrame()
+        return codec.decode(frame)
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        nonce = secrets.token_bytes(32)
+        session: ClientSession | None = None
+        try:
+            await self._send(connection, Challenge(protocol_version=limits.PROTOCOL_VERSION, server_nonce=nonce,
+                                                   federation_id=self.config.federation_id))
+            try:
+                hello = await self._receive(connection, HANDSHAKE_TIMEOUT_S)
+            except TimeoutError:
+                await connection.close(1008, "no hello")
+                return
+            session = await self._admit(connection, hello)
+            if session is None:
+                return
+            while True:
+                message = await self._receive(connection)
+                await self._dispatch(session, message)
+        except _TextFrame:
+            await self._refuse(connection, _text_frame_error())
+        except PeerProtocolError as error:
+            logger.info("peer %s: %s", connection.remote_address, error)
+            await self._refuse(connection, error)
+        except ConnectionClosed:
+            pass
+        finally:
+            if session is not None and self.sessions.get(session.client_id) is session:
+                del self.sessions[session.client_id]
+                logger.info("client %s disconnected", session.client_id)
+                self._poke()
+
+    async def _admit(self, connection: ServerConnection, hello: Message) -> ClientSession | None:
+        if not isinstance(hello, Hello):
+            await self._send(connection, Reject(code="bad_hello", message=f"expected hello, got {hello.TYPE}",
+                                                supported_versions=(limits.PROTOCOL_VERSION,)))
+            await connection.close(1008, "expected hello")
+            return None
+        try:
+            codec.check_version(hello.protocol_version)
+        except VersionMismatch as error:
+            await self._send(connection, Reject(code="version", message=str(error),
+                                                supported_versions=(limits.PROTOCOL_VERSION,)))
+            await connection.close(1002, "unsupported version")
+            return None
+        if hello.model_hash != self.config.model_hash:
+            await self._send(connection, Reject(
+                code="model_mismatch",
+                message=f"base weights hash {hello.model_hash[:16]}... differs from the federation's "
+                        f"{self.config.model_hash[:16]}... (model {self.config.model_name})",
+                supported_versions=(limits.PROTOCOL_VERSION,)))
+            await connection.close(1008, "model mismatch")
+            return None
+        last = self.ledger.last_round()
+        previous = self.sessions.get(hello.client_id)
+        if previous is not None:
+            logger.info("client %s reconnected; closing its previous connection", hello.client_id)
+            with contextlib.suppress(ConnectionClosed):
+                await previous.connection.close(1000, "replaced by a new connection")
+        # A client claiming a round we have not committed holds nothing we recognise.
+        holds = hello.last_round if hello.last_round <= last else -1
+        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, holds)
+        self.sessions[hello.client_id] = session
+        self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
+        await self._send(connection, Welcome(client_id=hello.client_id, federation=self.federation,
+                                             last_committed_round=last))
+        logger.info("client %s joined (%s, mode %s, holds round %d of %d)", hello.client_id,
+                    hello.device.device_type, hello.mode, hello.last_round, last)
+        self._poke()
+        return session
+
+    async def _dispatch(self, session: ClientSession, message: Message) -> None:
+        if isinstance(message, Update):
+            await self._on_update(session, message)
+        elif isinstance(message, Fingerprint):
+            self._on_fingerprint(session, message)
+        elif isinstance(message, SyncRequest):
+            await self._send(session.connection, self._sync_response(message.have_round))
+        elif isinstance(message, Goodbye):
+            logger.info("client %s said goodbye: %s", session.client_id, message.reason)
+            await session.connection.close(1000, "goodbye")
+        else:
+            await self._send(session.connection, Error(code="unexpected", message=f"a client may not send {message.TYPE}",
+                                                       field="type", round=None))
+
+    async def _on_update(self, session: ClientSession, update: Update) -> None:
+        machine = self.machine
+        try:
+            if update.client_id != session.client_id:
+                raise UpdateRefused("wrong_client", "update.client_id is not this connection's client",
+                                    round=update.round, field="update.client_id")
+            if machine is None:
+                raise UpdateRefused("round_not_open", "no round is open", round=update.round, field="update.round")
+            outcome = machine.receive(update)
+        except UpdateRefused as refusal:
+            await self._send(session.connection, Error(code=refusal.code, message=refusal.message,
+                                                       field=refusal.field, round=refusal.round))
+            return
+        if not outcome.duplicate:
+            session.busy_round = None
+            session.last_loss_before = update.loss_before
+            session.last_loss_after = update.loss_after
+        await self._send(session.connection, UpdateAck(round=update.round, attempt=update.attempt,
+                                                        status="duplicate" if outcome.duplicate else "accepted"))
+        self._poke()
+
+    def _on_fingerprint(self, session: ClientSession, report: Fingerprint) -> None:
+        if report.round > self.ledger.last_round():
+            return
+        self.ledger.record_fingerprint(report.round, session.client_id, report.fingerprint)
+        session.round = report.round
+        session.fingerprint = report.fingerprint
+        self._check_fingerprints(report.round)
+        self._poke()
+
+    def _sync_response(self, have_round: int) -> SyncResponse:
+        target = self.ledger.last_round()
+        rebase = target - target % self.config.rebase_every
+        base = have_round if rebase <= have_round <= target else rebase
+        rounds = self.ledger.rounds_between(base, target)
+        return SyncResponse(
+            target_round=target,
+            base_round=base,
+            table=tuple(self.ledger.table_at(base)),
+            rounds=tuple(RoundEntry(round=r.round, coefficients=r.coefficients) for r in rounds),
+            table_digest=rounds[-1].table_digest if rounds else _digest_of(self.ledger.table_at(target)),
+        )
+
+    # -- status ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        last = self.ledger.last_round()
+        recent = self.ledger.rounds_between(max(0, last - 50), last)
+        machine = self.machine
+        return {
+            "federation_id": self.config.federation_id,
+            "model": self.config.model_name,
+            "round": last,
+            "rounds_total": self.config.rounds,
+            "finished": self.finished,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "open_round": None if machine is None or machine.state in (RoundState.COMMITTED, RoundState.ABANDONED)
+            else {"round": machine.round, "attempt": machine.attempt, "assigned": sorted(machine.assigned),
+                  "received": sorted(machine.updates)},
+            "clients": [
+                {"client_id": s.client_id, "mode": s.mode, "device": asdict(s.device), "round": s.round,
+                 "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
+                 "loss_before": s.last_loss_before, "loss_after": s.last_loss_after}
+                for s in sorted(self.sessions.values(), key=lambda s: s.client_id)
+            ],
+            "rounds": [
+                {"round": r.round, "attempt": r.attempt, "num_updates": r.num_updates,
+                 "loss_before": r.loss_before, "loss_after": r.loss_after, "committed_at": r.committed_at,
+                 "fingerprints": len(set(self.ledger.fingerprints(r.round).values()))}
+                for r in recent
+            ],
+        }
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] not in ("/status", "/status/"):
+            return None  # a websocket upgrade (or a 426 from websockets for other plain GETs)
+        body = json.dumps(self.status(), indent=2).encode()
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                           ("Connection", "close")])
+        return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
+
+
+class _TextFrame(Exception):
+    pass
+
+
+def _text_frame_error() -> PeerProtocolError:
+    from protocol.errors import MalformedFrame
+
+    return MalformedFrame("text frames are not part of the protocol; send binary msgpack frames")
+
+
+def _digest_of(entries: list[tuple[int, float]]) -> str:
+    from protocol.table import table_digest
+
+    return table_digest(entries)

@@ -1,0 +1,58 @@
+"""``edgefed-client``: run an edge client daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
+from edge_client.data import DataError
+from edge_client.device import parse_bytes
+from edge_client.engines.registry import UnknownModeError
+from edge_client.model import DEFAULT_MODEL, ModelLoadError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefed-client", description=__doc__)
+    parser.add_argument("--url", default="ws://127.0.0.1:8765", help="coordinator websocket URL")
+    parser.add_argument("--client-id", required=True, help="this client's name (letters, digits, _.-)")
+    parser.add_argument("--data", required=True, help="JSONL file of instruction/response records")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, .gguf file or HF model directory")
+    parser.add_argument("--mode", default="mezo", help="training mode")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--memory-budget", default=None, help="memory budget, e.g. 6GiB")
+    parser.add_argument("--cache-dir", default=None, help="model cache (default $EDGEFED_CACHE or ~/.cache/edgefed)")
+    parser.add_argument("--copies", default="auto", choices=["auto", "memory", "file"],
+                        help="where the base copy and round-start snapshot live")
+    parser.add_argument("--instruction-field", default="instruction")
+    parser.add_argument("--response-field", default="response")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s {args.client_id} %(levelname)s %(message)s")
+    client_threads()
+    try:
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+        config = ClientConfig(url=args.url, client_id=args.client_id, data_path=args.data, model=args.model,
+                              mode=args.mode, device=args.device, memory_budget_bytes=budget,
+                              cache_dir=args.cache_dir, copies=args.copies,
+                              instruction_field=args.instruction_field, response_field=args.response_field)
+        client = EdgeClient(config)
+        client.prepare()
+        asyncio.run(client.run())
+    except (ValueError, ModelLoadError, DataError, UnknownModeError, FatalClientError) as error:
+        print(f"edgefed-client: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

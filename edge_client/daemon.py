@@ -1,0 +1,379 @@
+"""The edge client daemon: connect, sync, train, report, and keep going.
+
+Life of a client::
+
+    load the base model, hash it            (once)
+    loop:                                   (reconnects with exponential backoff)
+        connect -> challenge -> hello -> welcome (or reject: fatal)
+        first welcome: apply the federation's scope, build the parameter space
+        behind the ledger? -> sync_request -> sync_response -> replay
+        messages: round_task -> train in a worker thread -> update
+                  round_commit -> apply -> fingerprint
+                  goodbye -> stop
+
+Messages are handled one at a time from a queue filled by a reader task, so websocket
+pings keep flowing while a round trains in a worker thread, and a commit that arrives
+during training is applied after it, from the round-start copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from edge_client.data import BatchStream, Example, load_jsonl, tokenize
+from edge_client.device import detect_device
+from edge_client.engines import Engine, EngineError, RoundPlan, get_engine
+from edge_client.model import base_weights_hash, load_model, resolve_model
+from edge_client.scope import ScopeConfig, build_space
+from edge_client.sync import ModelSync, RoundCoefficients, SyncError
+from protocol import codec, limits
+from protocol.errors import PeerProtocolError
+from protocol.messages import (
+    Challenge,
+    Error,
+    FederationInfo,
+    Fingerprint,
+    Goodbye,
+    Hello,
+    Message,
+    Reject,
+    RoundCommit,
+    RoundTask,
+    SyncRequest,
+    SyncResponse,
+    Update,
+    UpdateAck,
+    Welcome,
+)
+
+__all__ = ["ClientConfig", "EdgeClient", "FatalClientError"]
+
+logger = logging.getLogger(__name__)
+
+
+class FatalClientError(RuntimeError):
+    """The coordinator refused this client for a reason retrying cannot fix."""
+
+
+class _Stop(Exception):
+    """Raised inside training when the daemon is asked to stop."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings of one edge client.
+
+    Attributes:
+        url: the coordinator's websocket URL (ws://host:port).
+        client_id: this client's name in the federation.
+        data_path: JSONL file of instruction/response records (stays on the device).
+        model: model source (builtin name, .gguf file or HF directory).
+        mode: training mode (engine name).
+        device: "auto", "cpu", "cuda", "cuda:1", "mps".
+        memory_budget_bytes: a user-set memory budget, reported to the coordinator.
+        cache_dir: model conversion cache (None: the default).
+        copies: where the base copy and round-start snapshot live ("auto": a file for CPU
+            clients, host memory for accelerator clients; "memory"; "file").
+        initial_backoff_s, max_backoff_s: reconnect delays (doubling, with jitter).
+        instruction_field, response_field: JSONL field names.
+    """
+
+    url: str
+    client_id: str
+    data_path: str
+    model: str = "smollm2-135m"
+    mode: str = "mezo"
+    device: str = "auto"
+    memory_budget_bytes: int | None = None
+    cache_dir: str | None = None
+    copies: str = "auto"
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    instruction_field: str = "instruction"
+    response_field: str = "response"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("ws://", "wss://")):
+            raise ValueError(f"url must start with ws:// or wss://, got {self.url!r}")
+        if self.copies not in ("auto", "memory", "file"):
+            raise ValueError(f"copies must be auto, memory or file, got {self.copies!r}")
+        if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("need 0 < initial_backoff_s <= max_backoff_s")
+
+
+class EdgeClient:
+    """One client daemon. Call :meth:`prepare` (slow: loads the model) then :meth:`run`."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.engine_cls = get_engine(config.mode)
+        self.stopping = False
+        self.finished = False
+        self.rounds_trained = 0
+        self.bytes_sent_per_round: list[int] = []
+        self._bytes_this_round = 0
+        self.federation: FederationInfo | None = None
+        self.sync: ModelSync | None = None
+        self.engine: Engine | None = None
+        self._batches: BatchStream | None = None
+        self._examples: list[Example] = []
+
+    # -- setup ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load the data and the base model, and hash the base weights."""
+        config = self.config
+        records, problems = load_jsonl(config.data_path, instruction_field=config.instruction_field,
+                                       response_field=config.response_field)
+        self._records = records
+        if problems:
+            logger.warning("%s: %d bad records skipped (first: %s)", config.data_path, len(problems), problems[0])
+        self.device, self.profile = detect_device(config.device, memory_budget_bytes=config.memory_budget_bytes)
+        started = time.perf_counter()
+        model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
+        self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
+        self.model_hash = base_weights_hash(self.model)
+        logger.info("model %s loaded in %.1fs on %s (base hash %s...)", config.model,
+                    time.perf_counter() - started, self.device, self.model_hash[:16])
+
+    def _setup_federation(self, federation: FederationInfo) -> None:
+        if self.federation is not None:
+            if federation != self.federation:
+                raise FatalClientError("the coordinator's federation settings changed between connections")
+            return
+        scope = ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
+                            lora_alpha=federation.scope.lora_alpha,
+                            lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
+                            lora_init_seed=federation.scope.lora_init_seed)
+        self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
+        where = self.config.copies
+        if where == "auto":
+            where = "file" if self.device.type == "cpu" and scope.kind == "full" else "memory"
+        self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
+                              copies_dir=self.config.cache_dir)
+        self.engine = self.engine_cls(self.model, space)
+        self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len)
+        seed = zlib.crc32(self.config.client_id.encode())
+        self._batches = BatchStream(self._examples, federation.batch_size, seed=seed,
+                                    pad_token_id=self.tokenizer.pad_token_id or 0)
+        self.federation = federation
+        logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
+                    federation.federation_id, scope.kind, space.numel, len(self._examples))
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect and serve rounds until the coordinator says goodbye or we are stopped.
+
+        Raises:
+            FatalClientError: the coordinator rejected this client.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.stop)
+        backoff = self.config.initial_backoff_s
+        while not self.stopping and not self.finished:
+            try:
+                async with connect(self.config.url, max_size=limits.MAX_FRAME_BYTES, open_timeout=20,
+                                   ping_interval=20, ping_timeout=60) as connection:
+                    self._connection = connection
+                    backoff = self.config.initial_backoff_s
+                    await self._session(connection)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
+                if self.stopping or self.finished:
+                    break
+                delay = backoff * (0.5 + random.random())
+                logger.info("connection to %s lost (%s); retrying in %.1fs", self.config.url,
+                            type(error).__name__, delay)
+                await self._sleep_unless_stopped(delay)
+                backoff = min(backoff * 2, self.config.max_backoff_s)
+            except InvalidURI as error:
+                raise FatalClientError(str(error)) from None
+
+    def stop(self) -> None:
+        logger.info("stopping")
+        self.stopping = True
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            asyncio.get_running_loop().create_task(self._goodbye(connection))
+
+    async def _goodbye(self, connection: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(connection, Goodbye(reason="client stopping"))
+            await connection.close(1000, "client stopping")
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            await asyncio.sleep(min(0.2, end - time.monotonic()))
+
+    async def _send(self, connection: ClientConnection, message: Message) -> None:
+        frame = codec.encode(message)
+        self._bytes_this_round += len(frame)
+        await connection.send(frame)
+
+    async def _recv(self, connection: ClientConnection) -> Message:
+        frame = await connection.recv()
+        if isinstance(frame, str):
+            raise FatalClientError("the coordinator sent a text frame")
+        return codec.decode(frame)
+
+    async def _session(self, connection: ClientConnection) -> None:
+        challenge = await self._recv(connection)
+        if not isinstance(challenge, Challenge):
+            raise FatalClientError(f"expected a challenge, got {challenge.TYPE}")
+        sync = self.sync
+        await self._send(connection, Hello(
+            protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
+            mode=self.engine_cls.name, model_hash=self.model_hash,
+            last_round=sync.round if sync is not None else 0,
+            table_digest=sync.table_digest() if sync is not None else None, public_key=None, signature=None,
+        ))
+        reply = await self._recv(connection)
+        if isinstance(reply, Reject):
+            raise FatalClientError(f"rejected by the coordinator ({reply.code}): {reply.message}")
+        if not isinstance(reply, Welcome):
+            raise FatalClientError(f"expected welcome, got {reply.TYPE}")
+        await asyncio.to_thread(self._setup_federation, reply.federation)
+        assert self.sync is not None
+        if self.sync.drifted:
+            await asyncio.to_thread(self.sync.discard_local_training)
+        if self.sync.round != reply.last_committed_round:
+            await self._send(connection, SyncRequest(have_round=self.sync.round))
+        else:
+            await self._report_fingerprint(connection)
+        async for frame in connection:
+            if isinstance(frame, str):
+                raise FatalClientError("the coordinator sent a text frame")
+            message = codec.decode(frame)
+            if not await self._handle(connection, message):
+                return
+
+    async def _handle(self, connection: ClientConnection, message: Message) -> bool:
+        """Act on one message; False ends the session."""
+        assert self.sync is not None
+        if isinstance(message, RoundTask):
+            await self._train(connection, message)
+        elif isinstance(message, RoundCommit):
+            await self._apply_commit(connection, message)
+        elif isinstance(message, SyncResponse):
+            await self._apply_sync(connection, message)
+        elif isinstance(message, UpdateAck):
+            logger.debug("round %d update %s", message.round, message.status)
+        elif isinstance(message, Error):
+            logger.warning("coordinator error %s: %s%s", message.code, message.message,
+                           f" ({message.field})" if message.field else "")
+        elif isinstance(message, Goodbye):
+            logger.info("coordinator said goodbye: %s", message.reason)
+            self.finished = True
+            return False
+        else:
+            logger.warning("ignoring unexpected %s", message.TYPE)
+        return not self.stopping
+
+    async def _train(self, connection: ClientConnection, task: RoundTask) -> None:
+        assert self.sync is not None and self.engine is not None and self._batches is not None
+        sync = self.sync
+        if task.base_round != sync.round:
+            logger.info("task for round %d but we hold round %d: syncing first", task.round, sync.round)
+            await self._send(connection, SyncRequest(have_round=sync.round))
+            return
+        self._bytes_this_round = 0
+        plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
+                         epsilon=task.epsilon, batch_size=task.batch_size)
+        sync.begin_local_training(task.base_round)
+        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.engine_cls.name)
+
+        def progress(done: int, total: int, loss: float) -> None:
+            if self.stopping:
+                raise _Stop()
+            logger.debug("round %d step %d/%d loss %.4f", task.round, done, total, loss)
+
+        try:
+            result = await asyncio.to_thread(self.engine.train_round, plan, self._batches, progress)
+        except _Stop:
+            return
+        except EngineError as error:
+            logger.error("round %d: local training failed: %s", task.round, error)
+            await asyncio.to_thread(sync.discard_local_training)
+            return
+        await self._send(connection, Update(
+            round=task.round, attempt=task.attempt, client_id=self.config.client_id, pairs=result.pairs,
+            num_examples=max(1, len(self._examples)), loss_before=result.loss_before, loss_after=result.loss_after,
+            nonce=secrets.token_bytes(16), signature=None,
+        ))
+        self.rounds_trained += 1
+        logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
+                    result.seconds, result.loss_before, result.loss_after)
+
+    async def _apply_commit(self, connection: ClientConnection, commit: RoundCommit) -> None:
+        assert self.sync is not None
+        if commit.round <= self.sync.round:
+            return
+        if commit.round != self.sync.round + 1:
+            await self._send(connection, SyncRequest(have_round=self.sync.round))
+            return
+        try:
+            await asyncio.to_thread(self.sync.apply_commit, commit.round, commit.coefficients, commit.totals,
+                                    commit.table_digest)
+        except SyncError as error:
+            logger.error("cannot apply round %d (%s); resyncing", commit.round, error)
+            await self._send(connection, SyncRequest(have_round=0))
+            return
+        await self._report_fingerprint(connection)
+        self.bytes_sent_per_round.append(self._bytes_this_round)
+
+    async def _apply_sync(self, connection: ClientConnection, response: SyncResponse) -> None:
+        assert self.sync is not None
+        sync = self.sync
+        rounds = [RoundCoefficients(entry.round, tuple(entry.coefficients)) for entry in response.rounds]
+        started = time.perf_counter()
+        try:
+            if response.base_round == sync.round and response.base_round != 0 and not sync.is_rebase(response.base_round):
+                if sync.drifted:
+                    await asyncio.to_thread(sync.discard_local_training)
+                for entry in rounds:
+                    await asyncio.to_thread(sync.apply_commit, entry.round, entry.coefficients)
+                if sync.table_digest() != response.table_digest:
+                    raise SyncError("table digest differs after incremental sync")
+            else:
+                await asyncio.to_thread(sync.catch_up, response.base_round, response.table, rounds,
+                                        response.table_digest)
+        except SyncError as error:
+            logger.error("sync failed (%s); requesting a full sync", error)
+            if response.base_round != 0:
+                await self._send(connection, SyncRequest(have_round=0))
+            return
+        logger.info("caught up to round %d (from base round %d, %d table entries, %d rounds) in %.1fs",
+                    sync.round, response.base_round, len(response.table), len(rounds), time.perf_counter() - started)
+        await self._report_fingerprint(connection)
+
+    async def _report_fingerprint(self, connection: ClientConnection) -> None:
+        assert self.sync is not None
+        fingerprint = await asyncio.to_thread(self.sync.space.fingerprint)
+        await self._send(connection, Fingerprint(round=self.sync.round, fingerprint=fingerprint,
+                                                 table_digest=self.sync.table_digest()))
+        logger.info("round %d: fingerprint %s...", self.sync.round, fingerprint[:16])
+
+
+def client_threads() -> None:
+    """Leave one core to the event loop and the other processes of a local federation."""
+    threads = os.environ.get("EDGEFED_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -1,0 +1,359 @@
+"""Loading instruction/response JSONL data and turning it into padded batches.
+
+Pipeline: :func:`load_jsonl` → :func:`tokenize` → :class:`BatchStream`.
+Loss is computed on response tokens only; prompt and padding positions carry
+the label ``-100`` (:data:`IGNORE_INDEX`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value for positions that do not count towards the loss."""
+
+_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class DataError(ValueError):
+    """Training data is missing, malformed or unusable."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training example as read from a JSONL file.
+
+    Attributes:
+        instruction: The instruction (prompt) text; may be empty.
+        response: The expected response text; never empty.
+        line: 1-based line number in the source file.
+    """
+
+    instruction: str
+    response: str
+    line: int
+
+
+@dataclass
+class Example:
+    """A tokenized example.
+
+    Attributes:
+        input_ids: Prompt tokens, then response tokens, then eos (possibly
+            truncated on the right).
+        labels: Same length as ``input_ids``; :data:`IGNORE_INDEX` on prompt
+            tokens, the token id on response tokens and eos.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch.
+
+    Attributes:
+        input_ids: ``(B, T)`` long; padding positions hold the pad token id.
+        attention_mask: ``(B, T)`` long; 1 on real tokens, 0 on padding.
+        labels: ``(B, T)`` long; :data:`IGNORE_INDEX` on prompt and padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    instruction_field: str = "instruction",
+    response_field: str = "response",
+    on_error: Literal["skip", "raise"] = "skip",
+) -> tuple[list[Record], list[str]]:
+    """Reads instruction/response records from a JSONL file.
+
+    Each non-blank line must be a JSON object with string fields
+    ``instruction_field`` and ``response_field``; the response must not be
+    empty or whitespace only. Blank lines are ignored (they hold no record).
+
+    Args:
+        path: The JSONL file (UTF-8).
+        instruction_field: Key of the instruction in each object.
+        response_field: Key of the response in each object.
+        on_error: ``"skip"`` to skip bad lines (each is reported in the
+            returned problems and summarised in a warning), ``"raise"`` to
+            raise on the first bad line.
+
+    Returns:
+        ``(records, problems)``; each problem reads ``"PATH:LINE: reason"``.
+
+    Raises:
+        DataError: If the file cannot be read, if ``on_error="raise"`` and a
+            line is bad, or if no valid record remains.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+    path_str = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"cannot read data file {path_str!r}: {e.strerror or e}") from e
+
+    records: list[Record] = []
+    problems: list[str] = []
+    for line_no, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        record, reason = _parse_line(raw, line_no, instruction_field, response_field)
+        if record is not None:
+            records.append(record)
+            continue
+        problem = f"{path_str}:{line_no}: {reason}"
+        if on_error == "raise":
+            raise DataError(problem)
+        problems.append(problem)
+
+    if problems:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        logger.warning(
+            "skipped %d bad line(s) of %d records in %s: %s",
+            len(problems),
+            len(problems) + len(records),
+            path_str,
+            shown,
+        )
+    if not records:
+        hint = f" Problems: {'; '.join(problems[:5])}" if problems else ""
+        raise DataError(
+            f"no usable records in {path_str!r}: each line must be a JSON object with string "
+            f"fields {instruction_field!r} and {response_field!r} (non-empty response).{hint}"
+        )
+    return records, problems
+
+
+def _parse_line(
+    raw: bytes, line_no: int, instruction_field: str, response_field: str
+) -> tuple[Record | None, str]:
+    """Parses one JSONL line; returns ``(record, "")`` or ``(None, reason)``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {_json_type(obj)}"
+    values: list[str] = []
+    for field in (instruction_field, response_field):
+        if field not in obj:
+            return None, f"missing field {field!r}"
+        value = obj[field]
+        if not isinstance(value, str):
+            return None, f"field {field!r} must be a string, got {_json_type(value)}"
+        values.append(value)
+    instruction, response = values
+    if not response.strip():
+        return None, f"empty response (field {response_field!r})"
+    return Record(instruction=instruction, response=response, line=line_no), ""
+
+
+def _json_type(value: object) -> str:
+    """Names a parsed JSON value's type the way JSON does."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "string"
+
+
+def format_prompt(instruction: str) -> str:
+    """Formats an instruction into the prompt the response follows.
+
+    Args:
+        instruction: The instruction text.
+
+    Returns:
+        ``"### Instruction:\\n{instruction}\\n\\n### Response:\\n"``.
+    """
+    return _PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def tokenize(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_len: int,
+) -> list[Example]:
+    """Tokenizes records into examples whose loss covers the response only.
+
+    The prompt (:func:`format_prompt`) is tokenized with
+    ``add_special_tokens=True`` (so it gets bos if the tokenizer adds one by
+    default), the response with ``add_special_tokens=False``, and eos is
+    appended. Sequences longer than ``max_seq_len`` are cut on the right; an
+    example whose response is cut away entirely is dropped and counted in a
+    warning.
+
+    Args:
+        records: Records from :func:`load_jsonl`.
+        tokenizer: The model's tokenizer; must have an eos token.
+        max_seq_len: Maximum number of tokens per example (at least 2).
+
+    Returns:
+        The examples, in the order of ``records`` (minus dropped ones).
+
+    Raises:
+        DataError: If the tokenizer has no eos token, or every example was
+            dropped by truncation.
+        ValueError: If ``max_seq_len`` < 2.
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no eos token; cannot mark the end of responses")
+    if not records:
+        return []
+
+    prompts = tokenizer(
+        [format_prompt(r.instruction) for r in records], add_special_tokens=True
+    )["input_ids"]
+    responses = tokenizer([r.response for r in records], add_special_tokens=False)["input_ids"]
+
+    examples: list[Example] = []
+    dropped_lines: list[int] = []
+    for record, prompt_ids, response_ids in zip(records, prompts, responses, strict=True):
+        target = [*response_ids, eos_id]
+        input_ids = [*prompt_ids, *target][:max_seq_len]
+        if len(prompt_ids) >= len(input_ids):
+            dropped_lines.append(record.line)
+            continue
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + target)[:max_seq_len]
+        examples.append(Example(input_ids=input_ids, labels=labels))
+
+    if dropped_lines:
+        logger.warning(
+            "dropped %d of %d example(s) whose prompt fills max_seq_len=%d (no response token "
+            "left); source lines %s%s; raise max_seq_len or shorten the instructions",
+            len(dropped_lines),
+            len(records),
+            max_seq_len,
+            ", ".join(map(str, dropped_lines[:10])),
+            ", ..." if len(dropped_lines) > 10 else "",
+        )
+    if not examples:
+        raise DataError(
+            f"all {len(records)} example(s) were truncated away: every prompt is at least "
+            f"max_seq_len={max_seq_len} tokens long; raise max_seq_len"
+        )
+    return examples
+
+
+def collate(examples: Sequence[Example], *, pad_token_id: int) -> Batch:
+    """Right-pads examples to the longest one and stacks them into a batch.
+
+    Args:
+        examples: At least one example.
+        pad_token_id: Token id written into padding positions of ``input_ids``.
+
+    Returns:
+        The batch; labels are :data:`IGNORE_INDEX` on padding.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    width = max(len(e.input_ids) for e in examples)
+    shape = (len(examples), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+class BatchStream:
+    """An endless, deterministic stream of shuffled batches.
+
+    The examples are visited in epochs; each epoch is a fresh permutation
+    drawn from one ``random.Random(seed)`` (no torch RNG involved), so the same
+    seed always yields the same batches. Batches are taken as consecutive
+    runs of that endless index sequence: every batch has exactly
+    ``batch_size`` examples, and a batch may straddle two epochs. Hence the
+    first ``k * len(examples)`` examples drawn cover every example exactly
+    ``k`` times. Each batch is padded only to its longest example.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        *,
+        seed: int,
+        pad_token_id: int = 0,
+    ) -> None:
+        """Creates the stream.
+
+        Args:
+            examples: Tokenized examples; at least one.
+            batch_size: Examples per batch; at least 1.
+            seed: Seed of the shuffling RNG.
+            pad_token_id: Token id used for padding (pass
+                ``tokenizer.pad_token_id``). Padding is masked out of the
+                attention and the loss, so this only matters cosmetically.
+
+        Raises:
+            DataError: If ``examples`` is empty.
+            ValueError: If ``batch_size`` < 1.
+        """
+        if not examples:
+            raise DataError("no training examples to batch")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._examples = list(examples)
+        self._batch_size = batch_size
+        self._pad_token_id = pad_token_id
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+        self._pos = 0
+        self._epoch = -1
+
+    @property
+    def epoch(self) -> int:
+        """Index of the epoch the last drawn example belongs to (-1 before any)."""
+        return self._epoch
+
+    def next_batch(self) -> Batch:
+        """Returns the next batch of ``batch_size`` examples."""
+        chosen: list[Example] = []
+        while len(chosen) < self._batch_size:
+            if self._pos == len(self._order):
+                self._order = list(range(len(self._examples)))
+                self._rng.shuffle(self._order)
+                self._pos = 0
+                self._epoch += 1
+            take = min(self._batch_size - len(chosen), len(self._order) - self._pos)
+            chosen.extend(self._examples[i] for i in self._order[self._pos : self._pos + take])
+            self._pos += take
+        return collate(chosen, pad_token_id=self._pad_token_id)

@@ -1,0 +1,173 @@
+"""The round state machine, sans I/O (PROTOCOL.md §7).
+
+One :class:`RoundMachine` follows one attempt at one round on the coordinator. It never
+touches a socket or a clock: the server feeds it updates (:meth:`RoundMachine.receive`)
+and deadline expiry (:meth:`RoundMachine.deadline`), and acts on what they return.
+
+States and transitions (all of them; anything else raises InvalidState)::
+
+    COLLECTING --update (not last)------> COLLECTING
+    COLLECTING --update (all assigned)--> READY
+    COLLECTING --deadline, >= quorum----> READY
+    COLLECTING --deadline, <  quorum----> ABANDONED   (terminal: the round is retried
+                                                        as a new attempt with new seeds)
+    READY      --committed--------------> COMMITTED   (terminal)
+    READY      --update-----------------> READY       (late: refused, nothing changes)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from protocol.errors import InvalidState
+from protocol.messages import Update
+
+__all__ = ["RoundState", "RoundMachine", "UpdateRefused", "Accepted", "TRANSITIONS"]
+
+logger = logging.getLogger(__name__)
+
+
+class RoundState(enum.Enum):
+    COLLECTING = "collecting"
+    READY = "ready"
+    COMMITTED = "committed"
+    ABANDONED = "abandoned"
+
+
+class Event(enum.Enum):
+    UPDATE = "update"
+    LAST_UPDATE = "last_update"
+    DEADLINE_QUORUM = "deadline_quorum"
+    DEADLINE_SHORT = "deadline_short"
+    COMMITTED = "committed"
+
+
+TRANSITIONS: dict[tuple[RoundState, Event], RoundState] = {
+    (RoundState.COLLECTING, Event.UPDATE): RoundState.COLLECTING,
+    (RoundState.COLLECTING, Event.LAST_UPDATE): RoundState.READY,
+    (RoundState.COLLECTING, Event.DEADLINE_QUORUM): RoundState.READY,
+    (RoundState.COLLECTING, Event.DEADLINE_SHORT): RoundState.ABANDONED,
+    (RoundState.READY, Event.COMMITTED): RoundState.COMMITTED,
+}
+
+
+class UpdateRefused(Exception):
+    """An update that this round cannot take. The sender gets an ``error`` message with
+    ``code`` and the connection stays open (a late or misdirected update is not a
+    protocol violation)."""
+
+    def __init__(self, code: str, message: str, *, round: int, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.round = round
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Outcome of a good update: ``duplicate`` if the same update was already counted."""
+
+    duplicate: bool
+
+
+class RoundMachine:
+    """Collects the updates of one round attempt.
+
+    Args:
+        round: the round number being trained.
+        attempt: which attempt at this round (0, 1, ...).
+        seeds: the seeds handed out, in task order.
+        assigned: client ids asked to train.
+        quorum: updates needed to commit when the deadline passes.
+    """
+
+    def __init__(self, round: int, attempt: int, seeds: Iterable[int], assigned: Iterable[str], quorum: int) -> None:
+        self.round = round
+        self.attempt = attempt
+        self.seeds = tuple(seeds)
+        self.assigned = frozenset(assigned)
+        if quorum < 1:
+            raise ValueError("quorum must be >= 1")
+        self.quorum = quorum
+        self.updates: dict[str, Update] = {}
+        self._state = RoundState.COLLECTING
+
+    @property
+    def state(self) -> RoundState:
+        return self._state
+
+    def _fire(self, event: Event) -> None:
+        try:
+            new = TRANSITIONS[(self._state, event)]
+        except KeyError:
+            raise InvalidState(self._state.value, event.value) from None
+        if new is not self._state:
+            logger.debug("round %d.%d: %s -> %s", self.round, self.attempt, self._state.value, new.value)
+        self._state = new
+
+    def receive(self, update: Update) -> Accepted:
+        """Validate an update against this round and count it.
+
+        Call :meth:`is_ready` afterwards: when it turns true, aggregate and commit.
+
+        Raises:
+            UpdateRefused: wrong round or attempt, round closed, client not assigned,
+                seeds not the ones handed out, non-finite values, or a different update
+                from a client that already sent one.
+        """
+        if update.round != self.round or update.attempt != self.attempt:
+            code = "stale_round" if (update.round, update.attempt) < (self.round, self.attempt) else "round_not_open"
+            raise UpdateRefused(
+                code,
+                f"update for round {update.round} attempt {update.attempt}, but the open round is "
+                f"{self.round} attempt {self.attempt}",
+                round=update.round,
+                field="update.round",
+            )
+        previous = self.updates.get(update.client_id)
+        if previous is not None:
+            if _same_content(previous, update):
+                return Accepted(duplicate=True)
+            raise UpdateRefused("conflicting_update", "a different update was already accepted from this client "
+                                "for this round", round=self.round)
+        if self._state is not RoundState.COLLECTING:
+            raise UpdateRefused("round_closed", f"round {self.round} is no longer collecting updates",
+                                round=self.round)
+        if update.client_id not in self.assigned:
+            raise UpdateRefused("not_assigned", f"client {update.client_id!r} was not given round {self.round}",
+                                round=self.round, field="update.client_id")
+        sent = tuple(seed for seed, _ in update.pairs)
+        if sent != self.seeds:
+            extra = sorted(set(sent) - set(self.seeds))
+            detail = f"seeds {extra[:3]} were not handed out" if extra else "seeds differ from the task's, or are out of order"
+            raise UpdateRefused("wrong_seeds", detail, round=self.round, field="update.pairs")
+        for index, (_, value) in enumerate(update.pairs):
+            if not math.isfinite(value):
+                raise UpdateRefused("invalid_field", "not finite", round=self.round, field=f"update.pairs[{index}][1]")
+        self.updates[update.client_id] = update
+        self._fire(Event.LAST_UPDATE if set(self.updates) >= self.assigned else Event.UPDATE)
+        return Accepted(duplicate=False)
+
+    def is_ready(self) -> bool:
+        return self._state is RoundState.READY
+
+    def deadline(self) -> RoundState:
+        """The deadline passed: move to READY (quorum met) or ABANDONED. Returns the state."""
+        if self._state is RoundState.COLLECTING:
+            self._fire(Event.DEADLINE_QUORUM if len(self.updates) >= self.quorum else Event.DEADLINE_SHORT)
+        return self._state
+
+    def committed(self) -> None:
+        self._fire(Event.COMMITTED)
+
+    def missing(self) -> frozenset[str]:
+        return self.assigned - set(self.updates)
+
+
+def _same_content(a: Update, b: Update) -> bool:
+    return (a.pairs, a.num_examples, a.loss_before, a.loss_after) == (b.pairs, b.num_examples, b.loss_before, b.loss_after)

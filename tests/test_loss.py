@@ -1,0 +1,135 @@
+"""Tests for edge_client.loss.causal_lm_loss against the models' own loss."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edge_client.data import Batch, BatchStream, Record, tokenize
+from edge_client.loss import causal_lm_loss
+from edge_client.model import load_model
+from edge_client.tiny import make_tiny_llama
+
+RECORDS = [
+    Record("Say hi", "hi there", 1),
+    Record("Add two and two", "four", 2),
+    Record("", "x", 3),
+    Record("Write a longer answer please", "Sure. Here is a longer answer with some words.", 4),
+    Record("Translate 'chat'", "cat (or: chat, depending on the language)", 5),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_dir: Path) -> list[Batch]:
+    _, tok = load_model(tiny_dir)
+    examples = tokenize(RECORDS, tok, max_seq_len=48)
+    stream = BatchStream(examples, 3, seed=0, pad_token_id=tok.pad_token_id)
+    out = [stream.next_batch() for _ in range(4)]
+    assert any(b.attention_mask.eq(0).any() for b in out)  # padding is exercised
+    return out
+
+
+def _reference_loss(model: torch.nn.Module, batch: Batch) -> tuple[float, int]:
+    with torch.no_grad():
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
+    return out.loss.item(), int(batch.labels[:, 1:].ne(-100).sum())
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1024])
+def test_matches_model_loss(tiny_dir: Path, batches: list[Batch], chunk_tokens: int) -> None:
+    model, _ = load_model(tiny_dir)
+    for batch in batches:
+        loss, n = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+        ref_loss, ref_n = _reference_loss(model, batch)
+        assert n == ref_n
+        assert math.isfinite(loss)
+        assert loss == pytest.approx(ref_loss, abs=1e-5)
+
+
+def test_untied_head(tmp_path: Path, batches: list[Batch]) -> None:
+    model, _ = load_model(make_tiny_llama(tmp_path, seed=2, tie_word_embeddings=False))
+    for batch in batches:
+        assert causal_lm_loss(model, batch, chunk_tokens=5)[0] == pytest.approx(
+            _reference_loss(model, batch)[0], abs=1e-5
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], ["q_proj", "v_proj", "lm_head"]])
+def test_matches_peft_lora_loss(
+    tiny_dir: Path, batches: list[Batch], target_modules: list[str]
+) -> None:
+    base, _ = load_model(tiny_dir)
+    plain = [causal_lm_loss(base, b)[0] for b in batches]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft zero-initialises B, which would hide the adapter
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.eval()
+    for batch, plain_loss in zip(batches, plain, strict=True):
+        for chunk_tokens in (1, 7, 1024):
+            loss, _ = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+            assert loss == pytest.approx(_reference_loss(model, batch)[0], abs=1e-5)
+        assert abs(loss - plain_loss) > 1e-3  # the adapter actually changed the loss
+
+
+def test_never_builds_full_logits(batches: list[Batch]) -> None:
+    vocab = 5000
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    head_inputs: list[tuple[int, ...]] = []
+    head_outputs: list[tuple[int, ...]] = []
+
+    def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        head_inputs.append(tuple(args[0].shape))
+        head_outputs.append(tuple(out.shape))
+
+    handle = model.get_output_embeddings().register_forward_hook(record)
+    try:
+        batch = batches[-1]
+        loss, n = causal_lm_loss(model, batch, chunk_tokens=8)
+    finally:
+        handle.remove()
+    assert math.isfinite(loss) and n > 8
+    assert len(head_inputs) == math.ceil(n / 8)
+    assert all(len(s) == 2 and s[0] <= 8 for s in head_inputs)
+    assert all(s[0] * s[1] <= 8 * vocab for s in head_outputs)
+    assert sum(s[0] for s in head_inputs) == n
+
+
+def test_rejects_batch_without_targets(tiny_dir: Path, batches: list[Batch]) -> None:
+    model, _ = load_model(tiny_dir)
+    batch = batches[0]
+    empty = Batch(batch.input_ids, batch.attention_mask, torch.full_like(batch.labels, -100))
+    with pytest.raises(ValueError, match="no response tokens"):
+        causal_lm_loss(model, empty)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        causal_lm_loss(model, batch, chunk_tokens=0)
