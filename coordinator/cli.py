@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -30,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             help=f"override {name}")
     parser.add_argument("--port-file", type=Path, help="write the listening port here once serving")
+    parser.add_argument("--status-file", type=Path, help="write the final status JSON here on exit")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
-async def _serve(coordinator: Coordinator, port_file: Path | None) -> None:
+async def _serve(coordinator: Coordinator, port_file: Path | None, status_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, coordinator.stop)
@@ -46,6 +48,8 @@ async def _serve(coordinator: Coordinator, port_file: Path | None) -> None:
         tmp.write_text(str(coordinator.port))
         tmp.replace(port_file)
     await runner
+    if status_file is not None:
+        status_file.write_text(json.dumps(coordinator.final_status or coordinator.status(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         with Ledger(config.ledger_path) as ledger:
             coordinator = Coordinator(config, ledger)
-            asyncio.run(_serve(coordinator, args.port_file))
+            asyncio.run(_serve(coordinator, args.port_file, args.status_file))
     except (ConfigError, LedgerError) as error:
         print(f"edgefed-coordinator: {error}", file=sys.stderr)
         return 2

@@ -77,7 +77,8 @@ class ClientSession:
     flagged: bool = False
     last_loss_before: float | None = None
     last_loss_after: float | None = None
-    bytes_received: int = 0
+    bytes_received: int = 0  # every frame this client sent, since it connected
+    rounds_participated: int = 0  # updates accepted from it
 
 
 class Coordinator:
@@ -106,6 +107,7 @@ class Coordinator:
         self.port: int | None = None
         self.started_at = time.time()
         self.finished = False
+        self.final_status: dict[str, Any] | None = None
         self.federation = FederationInfo(
             federation_id=config.federation_id,
             model_name=config.model_name,
@@ -156,6 +158,7 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await driver
             stop.cancel()
+            self.final_status = self.status()
             await self._say_goodbye("federation complete" if self.finished else "coordinator stopping")
 
     def stop(self) -> None:
@@ -321,10 +324,13 @@ class Coordinator:
                                                field=field_name, round=None))
             await connection.close(error.close_code, error.error_code)
 
-    async def _receive(self, connection: ServerConnection, timeout: float | None = None) -> Message:
+    async def _receive(self, connection: ServerConnection, timeout: float | None = None,
+                       session: ClientSession | None = None) -> Message:
         frame = await asyncio.wait_for(connection.recv(), timeout)
         if isinstance(frame, str):
             raise _TextFrame()
+        if session is not None:
+            session.bytes_received += len(frame)
         return codec.decode(frame)
 
     async def _handle(self, connection: ServerConnection) -> None:
@@ -342,7 +348,7 @@ class Coordinator:
             if session is None:
                 return
             while True:
-                message = await self._receive(connection)
+                message = await self._receive(connection, session=session)
                 await self._dispatch(session, message)
         except _TextFrame:
             await self._refuse(connection, _text_frame_error())
@@ -424,6 +430,7 @@ class Coordinator:
                                                        field=refusal.field, round=refusal.round))
             return
         if not outcome.duplicate:
+            session.rounds_participated += 1
             session.busy_round = None
             session.last_loss_before = update.loss_before
             session.last_loss_after = update.loss_after
@@ -472,7 +479,8 @@ class Coordinator:
             "clients": [
                 {"client_id": s.client_id, "mode": s.mode, "device": asdict(s.device), "round": s.round,
                  "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
-                 "loss_before": s.last_loss_before, "loss_after": s.last_loss_after}
+                 "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
+                 "bytes_received": s.bytes_received, "rounds_participated": s.rounds_participated}
                 for s in sorted(self.sessions.values(), key=lambda s: s.client_id)
             ],
             "rounds": [
