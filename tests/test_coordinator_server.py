@@ -1,0 +1,113 @@
+"""The coordinator over real websockets on 127.0.0.1: handshake, refusals, status."""
+
+import asyncio
+import json
+import urllib.request
+
+import msgpack
+import pytest
+from websockets.asyncio.client import connect
+
+from coordinator.config import FederationConfig
+from coordinator.ledger import Ledger
+from coordinator.server import Coordinator
+from protocol import codec
+from protocol.messages import Challenge, DeviceProfile, Error, Hello, Reject, SyncRequest, SyncResponse, Welcome
+
+HASH = "cd" * 32
+DEVICE = DeviceProfile(device_type="cpu", device_name="test", accelerator_total_bytes=0, accelerator_free_bytes=0,
+                       host_total_bytes=1 << 30, host_free_bytes=1 << 29, memory_budget_bytes=None)
+
+
+def hello(client_id="c1", version=(1, 0), model_hash=HASH):
+    return Hello(protocol_version=version, client_id=client_id, device=DEVICE, mode="mezo", model_hash=model_hash,
+                 last_round=0, table_digest=None, public_key=None, signature=None)
+
+
+async def with_coordinator(tmp_path, body, **overrides):
+    config = FederationConfig(model_hash=HASH, port=0, ledger_path=str(tmp_path / "l.db"), rounds=1,
+                              min_clients=5, **overrides)
+    with Ledger(config.ledger_path) as ledger:
+        coordinator = Coordinator(config, ledger)
+        task = asyncio.create_task(coordinator.run())
+        while coordinator.port is None:
+            await asyncio.sleep(0.01)
+        try:
+            await body(coordinator, f"ws://127.0.0.1:{coordinator.port}")
+        finally:
+            coordinator.stop()
+            await task
+
+
+async def handshake(url, message):
+    async with connect(url) as ws:
+        challenge = codec.decode(await ws.recv())
+        assert isinstance(challenge, Challenge) and len(challenge.server_nonce) >= 16
+        await ws.send(codec.encode(message) if not isinstance(message, bytes) else message)
+        reply = codec.decode(await ws.recv())
+        await ws.wait_closed()
+        return reply, ws.close_code
+
+
+def test_welcome_then_sync_of_an_empty_ledger(tmp_path):
+    async def body(coordinator, url):
+        async with connect(url) as ws:
+            codec.decode(await ws.recv())
+            await ws.send(codec.encode(hello()))
+            welcome = codec.decode(await ws.recv())
+            assert isinstance(welcome, Welcome)
+            assert welcome.federation.model_hash == HASH and welcome.last_committed_round == 0
+            await ws.send(codec.encode(SyncRequest(have_round=0)))
+            sync = codec.decode(await ws.recv())
+            assert isinstance(sync, SyncResponse) and sync.target_round == 0 and sync.table == ()
+            status = await asyncio.to_thread(
+                lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{coordinator.port}/status").read()))
+            assert status["round"] == 0 and [c["client_id"] for c in status["clients"]] == ["c1"]
+
+    asyncio.run(with_coordinator(tmp_path, body))
+
+
+@pytest.mark.parametrize(
+    "message, code, close",
+    [
+        (hello(version=(2, 0)), "version", 1002),
+        (hello(model_hash="ef" * 32), "model_mismatch", 1008),
+    ],
+)
+def test_hello_refusals_are_explicit_rejects(tmp_path, message, code, close):
+    async def body(coordinator, url):
+        reply, close_code = await handshake(url, message)
+        assert isinstance(reply, Reject) and reply.code == code
+        assert close_code == close
+
+    asyncio.run(with_coordinator(tmp_path, body))
+
+
+@pytest.mark.parametrize(
+    "frame, code, close",
+    [
+        (b"\xc1garbage", "malformed", 1007),
+        (msgpack.packb({"type": "hello", "client_id": 3}), "invalid_field", 1007),
+        (msgpack.packb({"type": "launch_missiles"}), "unknown_type", 1003),
+        (msgpack.packb({"type": "hello"}) + b"\x00", "malformed", 1007),
+    ],
+)
+def test_bad_frames_get_an_error_naming_the_problem_then_close(tmp_path, frame, code, close):
+    async def body(coordinator, url):
+        reply, close_code = await handshake(url, frame)
+        assert isinstance(reply, Error) and reply.code == code, reply
+        assert close_code == close
+        assert coordinator.ledger.last_round() == 0
+
+    asyncio.run(with_coordinator(tmp_path, body))
+
+
+def test_invalid_field_error_names_the_field(tmp_path):
+    bad = codec.encode(hello())
+    fields = msgpack.unpackb(bad)
+    fields["last_round"] = -1
+    async def body(coordinator, url):
+        reply, _ = await handshake(url, msgpack.packb(fields))
+        assert isinstance(reply, Error) and reply.field is not None and "last_round" in reply.field
+
+    asyncio.run(with_coordinator(tmp_path, body))

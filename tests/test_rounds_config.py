@@ -1,0 +1,121 @@
+"""Round state machine, aggregation and federation config."""
+
+import pytest
+
+from coordinator.aggregate import aggregate
+from coordinator.config import ConfigError, load_config
+from protocol.errors import InvalidState
+from protocol.messages import Update
+from protocol.round import RoundMachine, RoundState, UpdateRefused
+from protocol.table import fl32
+
+HASH = "ab" * 32
+
+
+def update(client="a", round=3, attempt=0, pairs=((11, 0.5), (22, -1.0)), n=10, before=2.0, after=1.9):
+    return Update(round=round, attempt=attempt, client_id=client, pairs=pairs, num_examples=n,
+                  loss_before=before, loss_after=after, nonce=b"\0" * 16, signature=None)
+
+
+def machine(quorum=2):
+    return RoundMachine(3, 0, [11, 22], ["a", "b", "c"], quorum)
+
+
+def test_round_becomes_ready_when_all_assigned_reply():
+    m = machine()
+    assert not m.receive(update("a")).duplicate
+    assert not m.receive(update("b")).duplicate
+    assert m.state is RoundState.COLLECTING
+    m.receive(update("c"))
+    assert m.is_ready()
+    m.committed()
+    assert m.state is RoundState.COMMITTED
+
+
+def test_duplicate_update_is_idempotent_and_conflicting_one_refused():
+    m = machine()
+    m.receive(update("a"))
+    assert m.receive(update("a")).duplicate
+    with pytest.raises(UpdateRefused) as refused:
+        m.receive(update("a", pairs=((11, 0.6), (22, -1.0))))
+    assert refused.value.code == "conflicting_update"
+    assert len(m.updates) == 1
+
+
+@pytest.mark.parametrize(
+    "bad, code",
+    [
+        (update("a", round=2), "stale_round"),
+        (update("a", round=4), "round_not_open"),
+        (update("a", attempt=1), "round_not_open"),
+        (update("z"), "not_assigned"),
+        (update("a", pairs=((11, 0.5), (99, 1.0))), "wrong_seeds"),
+        (update("a", pairs=((22, 0.5), (11, 1.0))), "wrong_seeds"),
+        (update("a", pairs=((11, 0.5),)), "wrong_seeds"),
+    ],
+)
+def test_misdirected_updates_are_refused_without_counting(bad, code):
+    m = machine()
+    with pytest.raises(UpdateRefused) as refused:
+        m.receive(bad)
+    assert refused.value.code == code
+    assert m.updates == {}
+
+
+def test_deadline_commits_with_quorum_and_abandons_without():
+    m = machine(quorum=2)
+    m.receive(update("a"))
+    m.receive(update("b"))
+    assert m.deadline() is RoundState.READY
+    with pytest.raises(UpdateRefused) as late:
+        m.receive(update("c"))
+    assert late.value.code == "round_closed"
+    short = machine(quorum=2)
+    short.receive(update("a"))
+    assert short.deadline() is RoundState.ABANDONED
+    with pytest.raises(InvalidState):
+        short.committed()
+
+
+def test_aggregate_is_example_weighted_mean_times_minus_lr_in_float32():
+    updates = [update("a", pairs=((11, 1.0), (22, 3.0)), n=1), update("b", pairs=((11, 4.0), (22, -3.0)), n=3)]
+    coefficients = aggregate([11, 22], updates, learning_rate=1e-3)
+    assert coefficients == [(11, fl32(-1e-3 * 13 / 4)), (22, fl32(-1e-3 * -6 / 4))]
+    assert [s for s, _ in aggregate([22, 11], updates, 1e-3)] == [22, 11]  # task order kept
+    with pytest.raises(ValueError, match="no updates"):
+        aggregate([11], [], 1e-3)
+
+
+def test_config_from_toml_with_overrides(tmp_path):
+    path = tmp_path / "fed.toml"
+    path.write_text(f'[federation]\nid = "demo"\nrounds = 5\n[model]\nhash = "{HASH}"\n'
+                    '[training]\nscope = "lora"\nlocal_steps = 4\n[rounds]\nquorum = 1\n')
+    config = load_config(path, {"rounds": 9, "port": None})
+    assert (config.federation_id, config.rounds, config.scope, config.local_steps, config.quorum) == (
+        "demo", 9, "lora", 4, 1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[model]\nhash = "xyz"\n', "model_hash"),
+        (f'[model]\nhash = "{HASH}"\n[training]\nlearning_rate = -1\n', "learning_rate"),
+        (f'[model]\nhash = "{HASH}"\n[training]\nlocal_steps = "4"\n', "local_steps"),
+        (f'[model]\nhash = "{HASH}"\n[traning]\nx = 1\n', "unknown table"),
+        (f'[model]\nhash = "{HASH}"\n[training]\nlr = 1\n', "unknown key training.lr"),
+        (f'[model]\nhash = "{HASH}"\n[rounds]\nquorum = 5\nclients_per_round = 2\n', "quorum"),
+        (f'[model]\nhash = "{HASH}"\n[training]\nseed_pool_size = 2\nlocal_steps = 3\n', "local_steps"),
+        ('[federation]\nid = "x"\n', "model_hash: required"),
+        ("not toml = = 1", "fed.toml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "fed.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
