@@ -126,9 +126,9 @@ def ledger_rows(path: Path) -> tuple[list[tuple], list[tuple], dict[int, dict[st
     return rounds, coefficients, fps
 
 
-@pytest.mark.parametrize("rebase_every", [3])
-def test_federation_survives_coordinator_kill_and_late_client_catches_up(tmp_path, rebase_every):
-    fed = Federation(tmp_path, rounds=7, rebase_every=rebase_every)
+@pytest.mark.parametrize("rebase_every, scope", [(3, "full"), (1, "lora")])
+def test_federation_survives_coordinator_kill_and_late_client_catches_up(tmp_path, rebase_every, scope):
+    fed = Federation(tmp_path, rounds=7, rebase_every=rebase_every, extra=["--scope", scope])
     try:
         fed.start_coordinator()
         for index, name in enumerate(["alpha", "beta", "gamma"]):
