@@ -12,7 +12,7 @@ Example (every key optional except where noted)::
 
     [training]
     scope = "full"              # or "lora"
-    seed_pool_size = 1024       # K; 0 = fresh seeds every round
+    seed_pool_size = 1024       # K seeds in the pool (1..65536)
     rebase_every = 8
     learning_rate = 1e-6
     epsilon = 1e-3
@@ -30,6 +30,7 @@ Example (every key optional except where noted)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ from typing import Any
 from protocol import limits
 
 __all__ = ["ConfigError", "FederationConfig", "load_config"]
+
+# Seed pairs in one sync_response: each costs at most 19 bytes on the wire (fixarray,
+# uint64, float64), so this keeps a sync under limits.MAX_FRAME_BYTES with room to spare.
+MAX_SYNC_PAIRS = 150_000
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,7 +63,8 @@ class FederationConfig:
         model_hash: SHA-256 of the base weights (edge_client.model.base_weights_hash).
         scope: "full" or "lora".
         lora_rank, lora_alpha, lora_targets, lora_init_seed: the LoRA scope.
-        seed_pool_size: K seeds in the pool; 0 draws fresh seeds each round.
+        seed_pool_size: K seeds in the pool (1..65536); the seed table, and so catch-up,
+            never holds more than K entries.
         rebase_every: every this many rounds the model is defined from theta_0 and the
             seed table (PROTOCOL.md §6); bounds catch-up to one table plus this many rounds.
         perturbation: "rademacher" (bit-exact) or "gaussian".
@@ -113,23 +119,33 @@ class FederationConfig:
             raise bad("model_hash", "must be 64 lowercase hex characters (the client prints it)")
         if self.scope not in ("full", "lora"):
             raise bad("scope", "must be 'full' or 'lora'")
-        if self.scope == "lora" and self.lora_rank < 1:
-            raise bad("lora_rank", "must be >= 1")
         if self.perturbation not in ("rademacher", "gaussian"):
             raise bad("perturbation", "must be 'rademacher' or 'gaussian'")
         if self.aggregation not in ("mean",):
             raise bad("aggregation", "must be 'mean'")
-        if not 0 <= self.seed_pool_size <= limits.MAX_TABLE_ENTRIES:
-            raise bad("seed_pool_size", f"must be between 0 and {limits.MAX_TABLE_ENTRIES}")
-        if self.rebase_every < 1:
-            raise bad("rebase_every", "must be >= 1")
+        if not 1 <= self.seed_pool_size <= limits.MAX_TABLE_ENTRIES:
+            # A bounded pool bounds the seed table, hence catch-up and sync frames.
+            raise bad("seed_pool_size", f"must be between 1 and {limits.MAX_TABLE_ENTRIES}")
+        if not 1 <= self.rebase_every <= limits.MAX_SYNC_ROUNDS:
+            raise bad("rebase_every", f"must be between 1 and {limits.MAX_SYNC_ROUNDS}")
+        if self.seed_pool_size + (self.rebase_every - 1) * self.local_steps > MAX_SYNC_PAIRS:
+            raise bad("rebase_every", f"a sync (seed_pool_size + (rebase_every - 1) * local_steps = "
+                      f"{self.seed_pool_size + (self.rebase_every - 1) * self.local_steps} pairs) must fit one "
+                      f"frame: at most {MAX_SYNC_PAIRS} pairs")
+        if self.scope == "lora":
+            if not 1 <= self.lora_rank <= limits.MAX_LORA_RANK:
+                raise bad("lora_rank", f"must be between 1 and {limits.MAX_LORA_RANK}")
+            if not 1 <= len(self.lora_targets) <= limits.MAX_LORA_TARGETS or not all(self.lora_targets):
+                raise bad("lora_targets", f"must name 1 to {limits.MAX_LORA_TARGETS} modules")
+            if not 0 <= self.lora_init_seed <= limits.MAX_SEED:
+                raise bad("lora_init_seed", "must be in [0, 2**63)")
         if not 1 <= self.local_steps <= limits.MAX_SEEDS_PER_ROUND:
             raise bad("local_steps", f"must be between 1 and {limits.MAX_SEEDS_PER_ROUND}")
         if self.seed_pool_size and self.local_steps > self.seed_pool_size:
             raise bad("local_steps", "cannot exceed seed_pool_size (seeds in a round are distinct)")
         for key in ("learning_rate", "epsilon", "deadline_s"):
-            if not getattr(self, key) > 0:
-                raise bad(key, "must be > 0")
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise bad(key, "must be a finite number > 0")
         for key in ("batch_size", "max_seq_len", "clients_per_round", "quorum", "min_clients"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")

@@ -28,7 +28,7 @@ from websockets.http11 import Request, Response
 
 from coordinator.aggregate import aggregate
 from coordinator.config import FederationConfig
-from coordinator.ledger import Contribution, Ledger
+from coordinator.ledger import Contribution, Ledger, LedgerError
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
 from protocol.messages import (
@@ -53,6 +53,7 @@ from protocol.messages import (
 )
 from protocol.round import RoundMachine, RoundState, UpdateRefused
 from protocol.seeds import pool_seed
+from protocol.table import TableError, table_digest
 
 __all__ = ["Coordinator"]
 
@@ -218,15 +219,8 @@ class Coordinator:
     def _seeds_for(self, round_number: int, attempt: int) -> list[int]:
         rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}")
         steps = self.config.local_steps
-        if self.config.seed_pool_size:
-            indices = rng.sample(range(self.config.seed_pool_size), steps)
-            seeds = [pool_seed(self.pool_key, index) for index in indices]
-            if len(set(seeds)) == len(seeds):
-                return seeds
-        seeds_set: dict[int, None] = {}
-        while len(seeds_set) < steps:
-            seeds_set[rng.getrandbits(63)] = None
-        return list(seeds_set)
+        indices = rng.sample(range(self.config.seed_pool_size), steps)
+        return [pool_seed(self.pool_key, index) for index in indices]
 
     async def _run_attempt(self, round_number: int, attempt: int) -> bool:
         config = self.config
@@ -258,11 +252,22 @@ class Coordinator:
                 self._release(chosen)
                 return False
         updates = [machine.updates[cid] for cid in sorted(machine.updates)]
-        coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation)
+        try:
+            coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation)
+        except TableError as error:
+            logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
+            self._release(chosen)
+            return False
         contributions = [
             Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after, tuple(u.pairs)) for u in updates
         ]
-        record = self.ledger.commit_round(round_number, attempt, coefficients, contributions)
+        try:
+            record = self.ledger.commit_round(round_number, attempt, coefficients, contributions)
+        except (LedgerError, TableError) as error:
+            # Nothing was written: abandon this attempt, keep serving, retry with new seeds.
+            logger.error("round %d attempt %d could not be committed: %s", round_number, attempt, error)
+            self._release(chosen)
+            return False
         machine.committed()
         self._release(chosen)
         logger.info("round %d committed: %d updates, loss %.4f -> %.4f", round_number, record.num_updates,
@@ -298,7 +303,11 @@ class Coordinator:
                 continue
             disagrees = value != majority
             if disagrees and not session.flagged:
-                logger.warning("client %s: fingerprint of round %d disagrees with the majority", client_id, round_number)
+                logger.warning("client %s: fingerprint of round %d disagrees with the majority; "
+                               "left out of rounds and told to resync", client_id, round_number)
+                asyncio.get_running_loop().create_task(self._send_safely(session, Error(
+                    code="fingerprint_mismatch", round=round_number, field="fingerprint.fingerprint",
+                    message=f"your model after round {round_number} differs from the majority's; resync")))
             session.flagged = disagrees
 
     def _log_fingerprint_agreement(self, round_number: int) -> None:
@@ -452,12 +461,15 @@ class Coordinator:
         rebase = target - target % self.config.rebase_every
         base = have_round if rebase <= have_round <= target else rebase
         rounds = self.ledger.rounds_between(base, target)
+        # The client rebuilds from the table only at a rebase round (or the base weights);
+        # from its own non-rebase round it applies the rounds on top of what it holds.
+        table = tuple(self.ledger.table_at(base)) if base % self.config.rebase_every == 0 else ()
         return SyncResponse(
             target_round=target,
             base_round=base,
-            table=tuple(self.ledger.table_at(base)),
+            table=table,
             rounds=tuple(RoundEntry(round=r.round, coefficients=r.coefficients) for r in rounds),
-            table_digest=rounds[-1].table_digest if rounds else _digest_of(self.ledger.table_at(target)),
+            table_digest=rounds[-1].table_digest if rounds else table_digest(self.ledger.table_at(target)),
         )
 
     # -- status ---------------------------------------------------------------------
@@ -509,8 +521,3 @@ def _text_frame_error() -> PeerProtocolError:
 
     return MalformedFrame("text frames are not part of the protocol; send binary msgpack frames")
 
-
-def _digest_of(entries: list[tuple[int, float]]) -> str:
-    from protocol.table import table_digest
-
-    return table_digest(entries)

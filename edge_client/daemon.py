@@ -11,9 +11,10 @@ Life of a client::
                   round_commit -> apply -> fingerprint
                   goodbye -> stop
 
-Messages are handled one at a time from a queue filled by a reader task, so websocket
-pings keep flowing while a round trains in a worker thread, and a commit that arrives
-during training is applied after it, from the round-start copy.
+Messages are handled one at a time. Training and model updates run in a worker thread,
+so the event loop stays free: websockets keeps answering pings, and messages that arrive
+meanwhile (say, the commit of a round whose deadline passed while we trained) wait in
+the connection's buffer and are applied afterwards, from the round-start copy.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol import codec, limits
-from protocol.errors import PeerProtocolError
+from protocol.errors import MalformedFrame, PeerProtocolError
 from protocol.messages import (
     Challenge,
     Error,
@@ -72,6 +73,10 @@ class FatalClientError(RuntimeError):
 
 class _Stop(Exception):
     """Raised inside training when the daemon is asked to stop."""
+
+
+class _Resync(Exception):
+    """The client cannot use what the coordinator sent; reconnect and sync from scratch."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class EdgeClient:
         self.stopping = False
         self.finished = False
         self.rounds_trained = 0
+        self.rounds_since_connect = 0
         self.bytes_sent_per_round: list[int] = []
         self._bytes_this_round = 0
         self.federation: FederationInfo | None = None
@@ -193,18 +199,33 @@ class EdgeClient:
                 async with connect(self.config.url, max_size=limits.MAX_FRAME_BYTES, open_timeout=20,
                                    ping_interval=20, ping_timeout=60) as connection:
                     self._connection = connection
-                    backoff = self.config.initial_backoff_s
-                    await self._session(connection)
+                    try:
+                        await self._session(connection)
+                        reason = "connection closed"
+                    except PeerProtocolError as error:
+                        # The coordinator sent something we cannot read: say so, then retry.
+                        logger.error("bad message from the coordinator: %s", error)
+                        with contextlib.suppress(ConnectionClosed):
+                            await self._send(connection, Error(code=error.error_code, message=str(error)[:500],
+                                                               field=getattr(error, "path", None), round=None))
+                            await connection.close(error.close_code, error.error_code)
+                        reason = error.error_code
+                    except _Resync as error:
+                        reason = str(error)
+                        with contextlib.suppress(ConnectionClosed):
+                            await connection.close(1000, "resync")
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
-                if self.stopping or self.finished:
-                    break
-                delay = backoff * (0.5 + random.random())
-                logger.info("connection to %s lost (%s); retrying in %.1fs", self.config.url,
-                            type(error).__name__, delay)
-                await self._sleep_unless_stopped(delay)
-                backoff = min(backoff * 2, self.config.max_backoff_s)
+                reason = type(error).__name__
             except InvalidURI as error:
                 raise FatalClientError(str(error)) from None
+            if self.stopping or self.finished:
+                break
+            if self.rounds_since_connect:  # that connection worked: start over from a short delay
+                backoff = self.config.initial_backoff_s
+            delay = backoff * (0.5 + random.random())
+            logger.info("connection to %s ended (%s); retrying in %.1fs", self.config.url, reason, delay)
+            await self._sleep_unless_stopped(delay)
+            backoff = min(backoff * 2, self.config.max_backoff_s)
 
     def stop(self) -> None:
         logger.info("stopping")
@@ -229,12 +250,10 @@ class EdgeClient:
         await connection.send(frame)
 
     async def _recv(self, connection: ClientConnection) -> Message:
-        frame = await connection.recv()
-        if isinstance(frame, str):
-            raise FatalClientError("the coordinator sent a text frame")
-        return codec.decode(frame)
+        return _decode(await connection.recv())
 
     async def _session(self, connection: ClientConnection) -> None:
+        self.rounds_since_connect = 0
         challenge = await self._recv(connection)
         if not isinstance(challenge, Challenge):
             raise FatalClientError(f"expected a challenge, got {challenge.TYPE}")
@@ -259,10 +278,7 @@ class EdgeClient:
         else:
             await self._report_fingerprint(connection)
         async for frame in connection:
-            if isinstance(frame, str):
-                raise FatalClientError("the coordinator sent a text frame")
-            message = codec.decode(frame)
-            if not await self._handle(connection, message):
+            if not await self._handle(connection, _decode(frame)):
                 return
 
     async def _handle(self, connection: ClientConnection, message: Message) -> bool:
@@ -279,6 +295,8 @@ class EdgeClient:
         elif isinstance(message, Error):
             logger.warning("coordinator error %s: %s%s", message.code, message.message,
                            f" ({message.field})" if message.field else "")
+            if message.code == "fingerprint_mismatch":
+                await self._send(connection, SyncRequest(have_round=0))
         elif isinstance(message, Goodbye):
             logger.info("coordinator said goodbye: %s", message.reason)
             self.finished = True
@@ -294,6 +312,8 @@ class EdgeClient:
             logger.info("task for round %d but we hold round %d: syncing first", task.round, sync.round)
             await self._send(connection, SyncRequest(have_round=sync.round))
             return
+        if sync.drifted:  # an earlier attempt at this round was abandoned or ended early
+            await asyncio.to_thread(sync.discard_local_training)
         self._bytes_this_round = 0
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
@@ -337,6 +357,7 @@ class EdgeClient:
             await self._send(connection, SyncRequest(have_round=0))
             return
         await self._report_fingerprint(connection)
+        self.rounds_since_connect += 1
         self.bytes_sent_per_round.append(self._bytes_this_round)
 
     async def _apply_sync(self, connection: ClientConnection, response: SyncResponse) -> None:
@@ -356,10 +377,11 @@ class EdgeClient:
                 await asyncio.to_thread(sync.catch_up, response.base_round, response.table, rounds,
                                         response.table_digest)
         except SyncError as error:
-            logger.error("sync failed (%s); requesting a full sync", error)
             if response.base_round != 0:
+                logger.error("sync failed (%s); requesting a full sync", error)
                 await self._send(connection, SyncRequest(have_round=0))
-            return
+                return
+            raise _Resync(f"full sync failed: {error}") from error
         logger.info("caught up to round %d (from base round %d, %d table entries, %d rounds) in %.1fs",
                     sync.round, response.base_round, len(response.table), len(rounds), time.perf_counter() - started)
         await self._report_fingerprint(connection)
@@ -370,6 +392,12 @@ class EdgeClient:
         await self._send(connection, Fingerprint(round=self.sync.round, fingerprint=fingerprint,
                                                  table_digest=self.sync.table_digest()))
         logger.info("round %d: fingerprint %s...", self.sync.round, fingerprint[:16])
+
+
+def _decode(frame: str | bytes) -> Message:
+    if isinstance(frame, str):
+        raise MalformedFrame("text frames are not part of the protocol")
+    return codec.decode(frame)
 
 
 def client_threads() -> None:

@@ -64,6 +64,7 @@ class ModelSync:
             else None
         )
         self.round = 0
+        self.snapshot_round = -1
         self.table: dict[int, float] = {}
         self.drifted = False  # local training moved the space off theta_round
         self._mark_canonical()
@@ -169,28 +170,33 @@ class ModelSync:
         self._apply_pairs(entries)
 
     def _restore_round_start(self) -> None:
-        if not self.drifted:
-            return
-        if self.snapshot is not None and self.snapshot.valid:
-            self.snapshot.restore(self.space)
-        else:
-            self._reach_current_from_scratch()
+        """Called by apply_commit after ``self.round`` advanced: put the previous round's
+        canonical state back if local training moved the space off it."""
+        if self.drifted:
+            self._restore_canonical(self.round - 1)
 
     def _reach_current(self) -> None:
-        if self.snapshot is not None and self.snapshot.valid:
-            self.snapshot.restore(self.space)
-        else:
-            self._reach_current_from_scratch()
+        self._restore_canonical(self.round)
         self.drifted = False
 
-    def _reach_current_from_scratch(self) -> None:
-        # Without a snapshot (rebase_every == 1) theta_round is the table rebuild.
-        if self.is_rebase(self.round) or self.round == 0:
+    def _restore_canonical(self, round_number: int) -> None:
+        if self.snapshot is not None:
+            if self.snapshot_round != round_number:
+                raise SyncError(f"round-start copy holds round {self.snapshot_round}, needed round {round_number}")
+            self.snapshot.restore(self.space)
+        elif self.is_rebase(round_number):
+            # Without a snapshot (rebase_every == 1) every round is a table rebuild.
+            saved_round = self.round
+            self.round = round_number
             self._rebuild_from_table()
+            self.round = saved_round
         else:
-            raise SyncError("no round-start snapshot to restore and the round is not a rebase round")
+            raise SyncError(f"no copy of round {round_number} to restore")
 
     def _mark_canonical(self) -> None:
+        # The snapshot always holds the canonical state of the current round: the next
+        # commit may not need it (a rebase), but discarding local training always does.
         self.drifted = False
-        if self.snapshot is not None and not self.is_rebase(self.round + 1):
+        if self.snapshot is not None:
             self.snapshot.save(self.space)
+            self.snapshot_round = self.round

@@ -134,6 +134,23 @@ def _fold(table, rounds):
     return t
 
 
+@pytest.mark.parametrize("rebase_every", [1, 2, 3])
+def test_discarding_local_training_returns_to_the_current_round_whatever_comes_next(rebase_every):
+    rng = random.Random(5)
+    pool = [rng.randrange(2**63) for _ in range(6)]
+    _, space = make_space()
+    sync = ModelSync(space, rebase_every=rebase_every)
+    for entry in _rounds(6, pool, rng):
+        canonical = space.fingerprint()
+        sync.begin_local_training(entry.round - 1)
+        space.apply(pool[0], 0.05)  # an abandoned attempt's local steps
+        sync.discard_local_training()
+        assert space.fingerprint() == canonical, entry.round
+        sync.begin_local_training(entry.round - 1)  # the retried attempt
+        space.apply(pool[1], 0.05)
+        sync.apply_commit(entry.round, entry.coefficients)
+
+
 def test_commit_checks_order_totals_and_digest():
     _, space = make_space()
     sync = ModelSync(space, rebase_every=2)
