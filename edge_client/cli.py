@@ -17,8 +17,10 @@ from edge_client.model import DEFAULT_MODEL, ModelLoadError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefed-client", description=__doc__)
     parser.add_argument("--url", default="ws://127.0.0.1:8765", help="coordinator websocket URL")
-    parser.add_argument("--client-id", required=True, help="this client's name (letters, digits, _.-)")
-    parser.add_argument("--data", required=True, help="JSONL file of instruction/response records")
+    parser.add_argument("--client-id", help="this client's name (letters, digits, _.-)")
+    parser.add_argument("--data", help="JSONL file of instruction/response records")
+    parser.add_argument("--print-model-hash", action="store_true",
+                        help="print the base-weights hash of --model (for the federation config) and exit")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, .gguf file or HF model directory")
     parser.add_argument("--mode", default="mezo", help="training mode")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_model_hash:
+        return _print_model_hash(args.model, args.cache_dir)
+    if not args.client_id or not args.data:
+        parser.error("--client-id and --data are required")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {args.client_id} %(levelname)s %(message)s")
     client_threads()
@@ -51,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _print_model_hash(model: str, cache_dir: str | None) -> int:
+    from pathlib import Path
+
+    from edge_client.model import base_weights_hash, load_model, resolve_model
+
+    try:
+        loaded, _ = load_model(resolve_model(model, cache_dir=Path(cache_dir) if cache_dir else None))
+    except ModelLoadError as error:
+        print(f"edgefed-client: {error}", file=sys.stderr)
+        return 2
+    print(base_weights_hash(loaded))
     return 0
 
 

@@ -154,8 +154,8 @@ class EdgeClient:
         model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
         self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
         self.model_hash = base_weights_hash(self.model)
-        logger.info("model %s loaded in %.1fs on %s (base hash %s...)", config.model,
-                    time.perf_counter() - started, self.device, self.model_hash[:16])
+        logger.info("model %s loaded in %.1fs on %s (base hash %s)", config.model,
+                    time.perf_counter() - started, self.device, self.model_hash)
 
     def _setup_federation(self, federation: FederationInfo) -> None:
         if self.federation is not None:
