@@ -15,18 +15,18 @@ used has total ``0.0``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import numbers
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+
+from protocol import table as _table
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,9 +45,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MAX_SEED = 2**63 - 1
-
-_F32 = struct.Struct("<f")
-_DIGEST_ENTRY = struct.Struct("<Qf")
 
 
 class LedgerError(Exception):
@@ -74,61 +71,14 @@ class LedgerClosed(LedgerError):
 
 
 def fl32(x: float) -> float:
-    """Round a Python float to the nearest float32, returned as a Python float.
-
-    Args:
-        x: Value to round.
-
-    Returns:
-        The nearest float32 value (round-half-to-even), as a float.
-
-    Raises:
-        LedgerError: If the rounded value would overflow to infinity.
-    """
+    """:func:`protocol.table.fl32`, raising :class:`LedgerError` on overflow or non-finite."""
     try:
-        return _F32.unpack(_F32.pack(x))[0]
-    except OverflowError as exc:
-        raise LedgerError(f"value {x!r} overflows float32") from exc
+        return _table.fl32(x)
+    except _table.TableError as exc:
+        raise LedgerError(str(exc)) from exc
 
 
-def table_digest(entries: Iterable[tuple[int, float]]) -> str:
-    """Compute the canonical digest of a seed table.
-
-    Byte layout: for each entry, in strictly ascending seed order and only for
-    entries whose total is nonzero, the seed as an 8-byte little-endian
-    unsigned integer followed by the total as a 4-byte little-endian IEEE-754
-    float32; all entries concatenated with no header, separator or padding.
-    The digest is the lowercase hex SHA-256 of those bytes, so an empty table
-    yields ``sha256(b"").hexdigest()``.
-
-    Args:
-        entries: ``(seed, total)`` pairs in strictly ascending seed order, with
-            ``0 <= seed < 2**63`` and ``total`` a finite, nonzero value that is
-            exactly representable as float32.
-
-    Returns:
-        The 64-character lowercase hex SHA-256 digest.
-
-    Raises:
-        ValueError: If the entries are not in that canonical form (the input
-            is rejected rather than normalised, so two parties cannot silently
-            disagree about what was hashed).
-    """
-    h = hashlib.sha256()
-    prev = -1
-    for seed, total in entries:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed {seed!r} is not an int in [0, 2**63)")
-        if seed <= prev:
-            raise ValueError(f"seeds must be strictly ascending; {seed} follows {prev}")
-        prev = seed
-        total = float(total)
-        if not math.isfinite(total) or total == 0.0:
-            raise ValueError(f"total {total!r} for seed {seed} must be finite and nonzero")
-        if _F32.unpack(_F32.pack(total))[0] != total:
-            raise ValueError(f"total {total!r} for seed {seed} is not exactly a float32")
-        h.update(_DIGEST_ENTRY.pack(seed, total))
-    return h.hexdigest()
+table_digest = _table.table_digest
 
 
 @dataclass(frozen=True)
@@ -601,7 +551,7 @@ class Ledger:
             totals: list[tuple[int, float]] = []
             for seed, coef in coefs:
                 try:
-                    total = fl32(table.get(seed, 0.0) + coef)
+                    total = fl32(float(table.get(seed, 0.0)) + coef)
                 except LedgerError as exc:
                     raise LedgerError(f"round {round}: total for seed {seed}: {exc}") from exc
                 totals.append((seed, total))

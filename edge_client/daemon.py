@@ -30,7 +30,6 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect

@@ -65,22 +65,27 @@ def sorted_entries(table: Mapping[int, float]) -> list[tuple[int, float]]:
 def table_digest(entries: Iterable[tuple[int, float]]) -> str:
     """SHA-256 (hex) of a table in canonical order.
 
-    Layout: for each entry with a nonzero total, in ascending seed order, the seed as an
-    8-byte little-endian unsigned integer followed by the total as a 4-byte little-endian
-    IEEE float32. The empty table's digest is the SHA-256 of no bytes.
+    Layout: for each entry, in strictly ascending seed order, the seed as an 8-byte
+    little-endian unsigned integer followed by the total as a 4-byte little-endian IEEE
+    float32, concatenated with no header or padding. The empty table's digest is the
+    SHA-256 of no bytes.
+
+    The input must already be canonical (see :func:`sorted_entries`): it is refused
+    rather than normalised, so two parties cannot silently hash different things.
 
     Raises:
-        TableError: entries are not strictly ascending or a total is not float32.
+        TableError: a seed out of range or out of order, or a total that is zero or not
+            a finite float32.
     """
     digest = hashlib.sha256()
     previous = -1
     for seed, total in entries:
-        if total == 0.0:
-            continue
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise TableError(f"seed {seed!r} is not an int in [0, 2**63)")
         if seed <= previous:
-            raise TableError(f"table entries must be in strictly ascending seed order at {seed}")
-        if not is_float32(total):
-            raise TableError(f"total of seed {seed} is not a float32: {total!r}")
+            raise TableError(f"seeds must be strictly ascending; {seed} follows {previous}")
+        if total == 0.0 or not is_float32(total):
+            raise TableError(f"total {total!r} of seed {seed} must be a nonzero, finite float32")
         digest.update(_ENTRY.pack(seed, total))
         previous = seed
     return digest.hexdigest()
