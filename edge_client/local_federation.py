@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=3, help="number of client processes")
     parser.add_argument("--budgets", default="2GiB,4GiB,8GiB",
                         help="comma-separated memory budgets, one per client (cycled)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, .gguf file or HF model directory")
     parser.add_argument("--data", type=Path, default=SHIPPED_DATA, help="JSONL of instruction/response records")
     parser.add_argument("--records-per-client", type=int, default=200,
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    print(f"[1/3] preparing the model {args.model} (the first run converts the GGUF, ~20 s)")
+    converting = str(args.model) == DEFAULT_MODEL or str(args.model).endswith(".gguf")
+    print(f"[1/3] preparing the model {args.model}" + (" (the first run converts the GGUF, ~20 s)" if converting else ""))
     model_dir = resolve_model(args.model)
     model, _ = load_model(model_dir)
     model_hash = base_weights_hash(model)
@@ -184,11 +185,14 @@ def follow(processes: list[Process], port: int, rounds: int) -> dict[str, Any] |
     coordinator = processes[0]
     last_status: dict[str, Any] | None = None
     shown = 0
+    last_line = ""
+    interactive = sys.stdout.isatty()
+    round_started = time.time()
     while coordinator.popen.poll() is None:
         for process in processes[1:]:
             code = process.popen.poll()
             if code not in (None, 0):
-                print(f"{process.name} exited with {code}:\n{process.log_path.read_text()[-1500:]}", file=sys.stderr)
+                print(f"\n{process.name} exited with {code}:\n{process.log_path.read_text()[-1500:]}", file=sys.stderr)
                 return None
         status = fetch_status(port)
         if status is not None:
@@ -196,13 +200,18 @@ def follow(processes: list[Process], port: int, rounds: int) -> dict[str, Any] |
             for entry in status["rounds"]:
                 if entry["round"] > shown:
                     shown = entry["round"]
-                    print(f"  round {entry['round']:>3}/{rounds}  updates {entry['num_updates']}  "
-                          f"train loss {entry['loss_before']:.4f} -> {entry['loss_after']:.4f}  "
-                          f"fingerprints agreeing: {'yes' if entry['fingerprints'] <= 1 else 'NO'}")
+                    agree = "yes" if entry["fingerprints"] <= 1 else "NO"
+                    line = (f"  round {entry['round']:>3}/{rounds}  {time.time() - round_started:5.0f}s  "
+                            f"updates {entry['num_updates']}  probe loss {entry['loss_before']:.4f} -> "
+                            f"{entry['loss_after']:.4f}  fingerprints agree: {agree}")
+                    print(("\r" if interactive else "") + line.ljust(len(last_line)))
+                    last_line, round_started = "", time.time()
             open_round = status.get("open_round")
-            if open_round:
-                print(f"  round {open_round['round']:>3}/{rounds}  training: "
-                      f"{len(open_round['received'])}/{len(open_round['assigned'])} updates in", end="\r")
+            if open_round and interactive:
+                line = (f"  round {open_round['round']:>3}/{rounds}  {time.time() - round_started:5.0f}s  "
+                        f"training: {len(open_round['received'])}/{len(open_round['assigned'])} updates in")
+                print("\r" + line.ljust(len(last_line)), end="", flush=True)
+                last_line = line
         time.sleep(1.0)
     return last_status
 
@@ -210,16 +219,17 @@ def follow(processes: list[Process], port: int, rounds: int) -> dict[str, Any] |
 def report(status: dict[str, Any], wall: float, run_dir: Path) -> None:
     rounds = status["rounds"]
     print()
+    print("probe loss: each round's first local batch, before and after the round's local steps")
     print(f"{'round':>5}  {'updates':>7}  {'loss before':>11}  {'loss after':>10}")
     for entry in rounds:
         print(f"{entry['round']:>5}  {entry['num_updates']:>7}  {entry['loss_before']:>11.4f}  {entry['loss_after']:>10.4f}")
     print()
-    print(f"{'client':<10} {'device':<6} {'budget':>8} {'round':>5} {'bytes sent/round':>16} {'fingerprint':<18}")
+    print(f"{'client':<10} {'device':<6} {'budget':>8} {'round':>5} {'sent/round (B)':>14} {'fingerprint':<18}")
     for client in status["clients"]:
         budget = client["device"].get("memory_budget_bytes")
         per_round = client.get("bytes_received", 0) / max(1, client.get("rounds_participated", 0) or 1)
         print(f"{client['client_id']:<10} {client['device']['device_type']:<6} "
-              f"{(budget or 0) / 2**30:>6.1f}Gi {client['round']:>5} {per_round:>16.0f} {str(client['fingerprint'])[:16]:<18}")
+              f"{(budget or 0) / 2**30:>6.1f}Gi {client['round']:>5} {per_round:>14.0f} {str(client['fingerprint'])[:16]:<18}")
     fingerprints = {c["fingerprint"] for c in status["clients"]}
     print()
     print(f"rounds: {status['round']}  wall time: {wall:.0f}s  "

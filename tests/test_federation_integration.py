@@ -173,3 +173,24 @@ def test_federation_survives_coordinator_kill_and_late_client_catches_up(tmp_pat
     for round_number, reports in fingerprints.items():
         assert len(set(reports.values())) == 1, (round_number, reports)
     assert "caught up to round" in fed.log("latecomer")
+
+
+def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFED_PERTURB_BACKEND": "eager"}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_client.local_federation", "--model", str(model_dir), "--clients", "3",
+         "--rounds", "2", "--max-seq-len", "200", "--local-steps", "3", "--learning-rate", "1e-3",
+         "--run-dir", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all clients hold the same model: yes" in result.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["round"] == 2 and status["finished"]
+    budgets = sorted(c["device"]["memory_budget_bytes"] for c in status["clients"])
+    assert budgets == [2 * 2**30, 4 * 2**30, 8 * 2**30]
+    assert len({c["fingerprint"] for c in status["clients"]}) == 1
+    rounds, _, _ = ledger_rows(run_dir / "ledger.db")
+    assert rounds == [(1, 3), (2, 3)]
