@@ -111,3 +111,31 @@ def test_invalid_field_error_names_the_field(tmp_path):
         assert isinstance(reply, Error) and reply.field is not None and "last_round" in reply.field
 
     asyncio.run(with_coordinator(tmp_path, body))
+
+
+def test_a_fingerprint_outlier_is_flagged_left_out_and_told_to_resync(tmp_path):
+    from protocol.messages import Fingerprint
+
+    async def body(coordinator, url):
+        sockets = {}
+        for name in ("a", "b", "c"):
+            ws = await connect(url).__aenter__()
+            codec.decode(await ws.recv())
+            await ws.send(codec.encode(hello(name)))
+            assert isinstance(codec.decode(await ws.recv()), Welcome)
+            sockets[name] = ws
+        digest = "00" * 32
+        for name, value in (("a", "11" * 32), ("b", "11" * 32), ("c", "22" * 32)):
+            await sockets[name].send(codec.encode(Fingerprint(round=0, fingerprint=value, table_digest=digest)))
+        told = codec.decode(await asyncio.wait_for(sockets["c"].recv(), 5))
+        assert isinstance(told, Error) and told.code == "fingerprint_mismatch" and told.round == 0
+        flagged = {s.client_id: s.flagged for s in coordinator.sessions.values()}
+        assert flagged == {"a": False, "b": False, "c": True}
+        assert [s.client_id for s in coordinator._ready_clients()] == ["a", "b"]
+        await sockets["c"].send(codec.encode(Fingerprint(round=0, fingerprint="11" * 32, table_digest=digest)))
+        await asyncio.sleep(0.2)
+        assert not coordinator.sessions["c"].flagged  # a matching report clears the flag
+        for ws in sockets.values():
+            await ws.close()
+
+    asyncio.run(with_coordinator(tmp_path, body))

@@ -194,3 +194,23 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
     assert len({c["fingerprint"] for c in status["clients"]}) == 1
     rounds, _, _ = ledger_rows(run_dir / "ledger.db")
     assert rounds == [(1, 3), (2, 3)]
+
+
+def test_a_client_stops_cleanly_on_sigterm(tmp_path):
+    fed = Federation(tmp_path, rounds=1, rebase_every=1)
+    try:
+        fed.start_coordinator(min_clients=5)  # never starts a round: the client just waits
+        fed.start_client("solo", 0)
+        deadline = time.time() + 60
+        while not fed.status()["clients"]:
+            assert time.time() < deadline, fed.log("solo")
+            time.sleep(0.2)
+        fed.clients["solo"].send_signal(signal.SIGTERM)
+        assert fed.clients["solo"].wait(20) == 0, fed.log("solo")
+        deadline = time.time() + 10
+        while "said goodbye: client stopping" not in fed.log("coordinator"):
+            assert time.time() < deadline, fed.log("coordinator")
+            time.sleep(0.1)
+        assert fed.status()["clients"] == []
+    finally:
+        fed.stop()
