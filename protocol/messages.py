@@ -687,10 +687,11 @@ class FederationInfo(_Record):
         model_name: name of the base model.
         model_hash: SHA-256 (hex) of the base model weights.
         scope: which parameters are trained.
-        seed_pool_size: number of seeds rounds draw from (<= MAX_TABLE_ENTRIES); 0 means
-            fresh seeds each round.
-        rebase_every: rounds between rebases (the table is folded into the base); at most
-            MAX_SYNC_ROUNDS so that any sync fits one response.
+        seed_pool_size: number of seeds rounds draw from (<= MAX_TABLE_ENTRIES; the
+            reference coordinator requires >= 1).
+        rebase_every: at every multiple of it the model is defined from the base weights
+            and the seed table (PROTOCOL.md §6.3); at most MAX_SYNC_ROUNDS so that any
+            sync fits one response.
         perturbation: ``"rademacher"`` or ``"gaussian"``.
         aggregation: how updates are combined, e.g. ``"mean"``.
         learning_rate: default learning rate.
@@ -1010,7 +1011,8 @@ class Update(_Record):
         attempt: the attempt of the task answered.
         client_id: the sender.
         pairs: ``(seed, projected gradient)``, distinct seeds.
-        num_examples: examples used (the aggregation weight).
+        num_examples: the aggregation weight; the reference client sends the size of its
+            local training set (FedAvg weighting).
         loss_before: mean loss before the local steps.
         loss_after: mean loss after the local steps.
         nonce: 16 random bytes, unique per update.
