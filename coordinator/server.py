@@ -353,6 +353,9 @@ class Coordinator:
             except TimeoutError:
                 await connection.close(1008, "no hello")
                 return
+            except VersionMismatch as error:
+                await self._reject_version(connection, error)
+                return
             session = await self._admit(connection, hello)
             if session is None:
                 return
@@ -372,6 +375,11 @@ class Coordinator:
                 logger.info("client %s disconnected", session.client_id)
                 self._poke()
 
+    async def _reject_version(self, connection: ServerConnection, error: VersionMismatch) -> None:
+        await self._send(connection, Reject(code="version", message=str(error)[:limits.MAX_STRING_CHARS],
+                                            supported_versions=(limits.PROTOCOL_VERSION,)))
+        await connection.close(1002, "unsupported version")
+
     async def _admit(self, connection: ServerConnection, hello: Message) -> ClientSession | None:
         if not isinstance(hello, Hello):
             await self._send(connection, Reject(code="bad_hello", message=f"expected hello, got {hello.TYPE}",
@@ -381,9 +389,7 @@ class Coordinator:
         try:
             codec.check_version(hello.protocol_version)
         except VersionMismatch as error:
-            await self._send(connection, Reject(code="version", message=str(error),
-                                                supported_versions=(limits.PROTOCOL_VERSION,)))
-            await connection.close(1002, "unsupported version")
+            await self._reject_version(connection, error)
             return None
         if hello.model_hash != self.config.model_hash:
             await self._send(connection, Reject(

@@ -42,6 +42,7 @@ from protocol.limits import (
     MAX_NESTING_DEPTH,
     MAX_STRING_BYTES,
     MAX_TABLE_ENTRIES,
+    MAX_VERSION_NUMBER,
     SUPPORTED_MAJOR_VERSIONS,
 )
 from protocol.messages import (
@@ -136,8 +137,10 @@ def _has_records(kind: Kind) -> bool:
 def decode(data: bytes, *, max_size: int | None = MAX_FRAME_BYTES) -> Message:
     """Parse and validate one frame received from the peer.
 
-    A hello with an unsupported major version still decodes; call
-    :func:`check_version` on its ``protocol_version`` to decide whether to reject it.
+    A ``hello`` whose ``protocol_version`` names an unsupported major version raises
+    :class:`VersionMismatch` before its other fields are checked: a client of another
+    major version may send a differently shaped hello, and must still get a clear
+    version refusal rather than a complaint about some field.
 
     Args:
         data: the frame (bytes, bytearray or memoryview).
@@ -176,6 +179,8 @@ def decode(data: bytes, *, max_size: int | None = MAX_FRAME_BYTES) -> Message:
     cls = MESSAGE_TYPES.get(tag)
     if cls is None:
         raise UnknownMessageType(_echo(tag))
+    if tag == "hello":
+        _check_hello_version(obj.get("protocol_version"))
     message: Message = _record_from_wire(cls, obj, tag, tagged=True)
     return message
 
@@ -191,6 +196,16 @@ def check_version(version: tuple[int, int]) -> None:
     """
     if version[0] not in SUPPORTED_MAJOR_VERSIONS:
         raise VersionMismatch((version[0], version[1]), SUPPORTED_MAJOR_VERSIONS)
+
+
+def _check_hello_version(version: Any) -> None:
+    """Raise VersionMismatch for a well-formed [major, minor] of an unsupported major."""
+    if (
+        type(version) in (list, tuple)
+        and len(version) == 2
+        and all(type(part) is int and 0 <= part <= MAX_VERSION_NUMBER for part in version)
+    ):
+        check_version((version[0], version[1]))
 
 
 def _echo(text: str) -> str:

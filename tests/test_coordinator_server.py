@@ -139,3 +139,15 @@ def test_a_fingerprint_outlier_is_flagged_left_out_and_told_to_resync(tmp_path):
             await ws.close()
 
     asyncio.run(with_coordinator(tmp_path, body))
+
+
+def test_a_future_major_version_with_a_different_hello_still_gets_a_version_reject(tmp_path):
+    future_hello = msgpack.packb({"type": "hello", "protocol_version": [2, 3], "identity": {"key": b"x"}})
+
+    async def body(coordinator, url):
+        reply, close_code = await handshake(url, future_hello)
+        assert isinstance(reply, Reject) and reply.code == "version"
+        assert reply.supported_versions == ((1, 0),)
+        assert close_code == 1002
+
+    asyncio.run(with_coordinator(tmp_path, body))

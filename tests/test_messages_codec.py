@@ -609,11 +609,9 @@ def test_version_fields() -> None:
     refuse(obj, InvalidMessage, "challenge.server_nonce: expected 16 to 64 bytes, got 8")
 
 
-def test_hello_with_unsupported_major_still_decodes() -> None:
-    msg = decode(encode(hello(protocol_version=(2, 3))))
-    assert isinstance(msg, Hello) and msg.protocol_version == (2, 3)
+def test_hello_with_unsupported_major_is_refused_by_version_first() -> None:
     with pytest.raises(VersionMismatch) as info:
-        check_version(msg.protocol_version)
+        decode(encode(hello(protocol_version=(2, 3))))
     exc = info.value
     assert (exc.theirs, exc.supported) == ((2, 3), SUPPORTED_MAJOR_VERSIONS)
     assert (exc.error_code, exc.close_code) == ("version", 1002)
