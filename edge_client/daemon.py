@@ -42,7 +42,7 @@ from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol import codec, limits
-from protocol.errors import MalformedFrame, PeerProtocolError
+from protocol.errors import MalformedFrame, PeerProtocolError, VersionMismatch
 from protocol.messages import (
     Challenge,
     Error,
@@ -256,6 +256,10 @@ class EdgeClient:
         challenge = await self._recv(connection)
         if not isinstance(challenge, Challenge):
             raise FatalClientError(f"expected a challenge, got {challenge.TYPE}")
+        try:
+            codec.check_version(challenge.protocol_version)
+        except VersionMismatch as error:
+            raise FatalClientError(f"the coordinator speaks another protocol: {error}") from None
         sync = self.sync
         await self._send(connection, Hello(
             protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
