@@ -60,6 +60,7 @@ __all__ = ["Coordinator"]
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 30.0  # a client that does not say hello within this is dropped
+SEND_TIMEOUT_S = 30.0  # a client whose connection does not take a message within this is dropped
 FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
 
 
@@ -102,6 +103,8 @@ class Coordinator:
         self.pool_key = int(stored_pool_key or 0)
         self.sessions: dict[str, ClientSession] = {}
         self.machine: RoundMachine | None = None
+        self._assigned: dict[str, ClientSession] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()  # any session / round change wakes the driver
         self._stopping = asyncio.Event()
         self._server: Server | None = None
@@ -166,10 +169,12 @@ class Coordinator:
         self._stopping.set()
 
     async def _say_goodbye(self, reason: str) -> None:
-        for session in list(self.sessions.values()):
+        async def goodbye(session: ClientSession) -> None:
+            await self._send_safely(session, Goodbye(reason=reason))
             with contextlib.suppress(ConnectionClosed):
-                await self._send(session.connection, Goodbye(reason=reason))
                 await session.connection.close(1000, reason)
+
+        await asyncio.gather(*(goodbye(s) for s in list(self.sessions.values())))
 
     # -- rounds -----------------------------------------------------------------------
 
@@ -240,8 +245,9 @@ class Coordinator:
                     ", ".join(s.client_id for s in chosen))
         for session in chosen:
             session.busy_round = round_number
-            await self._send_safely(session, task)
-        finished = await self._wait_for(lambda: machine.is_ready() or self._only_missing_are_gone(machine),
+        self._assigned = {session.client_id: session for session in chosen}
+        await self._broadcast(chosen, task)
+        finished = await self._wait_for(lambda: machine.is_ready() or self._no_one_left_to_answer(machine),
                                         config.deadline_s)
         if not machine.is_ready():
             state = machine.deadline()
@@ -276,15 +282,15 @@ class Coordinator:
             round=record.round, attempt=record.attempt, coefficients=record.coefficients, totals=record.totals,
             table_digest=record.table_digest, num_updates=record.num_updates,
         )
-        for session in list(self.sessions.values()):
-            await self._send_safely(session, commit)
+        await self._broadcast(list(self.sessions.values()), commit)
         self._poke()
         return True
 
-    def _only_missing_are_gone(self, machine: RoundMachine) -> bool:
-        """All assigned clients still connected have answered, and that makes quorum."""
-        missing_connected = [cid for cid in machine.missing() if cid in self.sessions]
-        return not missing_connected and len(machine.updates) >= machine.quorum
+    def _no_one_left_to_answer(self, machine: RoundMachine) -> bool:
+        """Every assigned client that has not answered has lost the connection it got the
+        task on (a reconnected client never received this task): waiting longer is useless,
+        so the deadline rule decides now (commit on quorum, else abandon)."""
+        return all(self.sessions.get(cid) is not self._assigned.get(cid) for cid in machine.missing())
 
     def _release(self, chosen: list[ClientSession]) -> None:
         for session in chosen:
@@ -296,7 +302,15 @@ class Coordinator:
         reported = self.ledger.fingerprints(round_number)
         if len(reported) < 2:
             return
-        majority, _ = Counter(reported.values()).most_common(1)[0]
+        ranked = Counter(reported.values()).most_common(2)
+        if len(ranked) == 2 and ranked[0][1] == ranked[1][1]:
+            logger.warning("round %d: fingerprints split evenly %s; no majority, nobody flagged",
+                           round_number, dict(Counter(reported.values())))
+            for client_id in reported:
+                if client_id in self.sessions:
+                    self.sessions[client_id].flagged = False
+            return
+        majority = ranked[0][0]
         for client_id, value in reported.items():
             session = self.sessions.get(client_id)
             if session is None:
@@ -305,7 +319,7 @@ class Coordinator:
             if disagrees and not session.flagged:
                 logger.warning("client %s: fingerprint of round %d disagrees with the majority; "
                                "left out of rounds and told to resync", client_id, round_number)
-                asyncio.get_running_loop().create_task(self._send_safely(session, Error(
+                self._spawn(self._send_safely(session, Error(
                     code="fingerprint_mismatch", round=round_number, field="fingerprint.fingerprint",
                     message=f"your model after round {round_number} differs from the majority's; resync")))
             session.flagged = disagrees
@@ -321,10 +335,24 @@ class Coordinator:
         await connection.send(codec.encode(message))
 
     async def _send_safely(self, session: ClientSession, message: Message) -> None:
+        """Send, never raising: a closed connection is logged; a client that does not read
+        for SEND_TIMEOUT_S is disconnected rather than allowed to stall the round driver."""
         try:
-            await self._send(session.connection, message)
+            await asyncio.wait_for(self._send(session.connection, message), SEND_TIMEOUT_S)
         except ConnectionClosed:
             logger.info("client %s: connection closed while sending %s", session.client_id, message.TYPE)
+        except TimeoutError:
+            logger.warning("client %s: not reading (%s not sent in %.0fs); disconnecting", session.client_id,
+                           message.TYPE, SEND_TIMEOUT_S)
+            self._spawn(session.connection.close(1008, "not reading"))
+
+    async def _broadcast(self, sessions: list[ClientSession], message: Message) -> None:
+        await asyncio.gather(*(self._send_safely(session, message) for session in sessions))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)  # keep a reference until it finishes
+        task.add_done_callback(self._tasks.discard)
 
     async def _refuse(self, connection: ServerConnection, error: PeerProtocolError) -> None:
         field_name = getattr(error, "path", None)
@@ -399,21 +427,22 @@ class Coordinator:
                 supported_versions=(limits.PROTOCOL_VERSION,)))
             await connection.close(1008, "model mismatch")
             return None
-        last = self.ledger.last_round()
-        previous = self.sessions.get(hello.client_id)
+        previous = self.sessions.pop(hello.client_id, None)
         if previous is not None:
             logger.info("client %s reconnected; closing its previous connection", hello.client_id)
-            with contextlib.suppress(ConnectionClosed):
-                await previous.connection.close(1000, "replaced by a new connection")
-        # A client claiming a round we have not committed holds nothing we recognise.
-        holds = hello.last_round if hello.last_round <= last else -1
-        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, holds)
-        self.sessions[hello.client_id] = session
-        self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
+            # In the background: a half-open old link can take the whole close timeout.
+            self._spawn(previous.connection.close(1000, "replaced by a new connection"))
+        last = self.ledger.last_round()
         await self._send(connection, Welcome(client_id=hello.client_id, federation=self.federation,
                                              last_committed_round=last))
+        # Not ready (round -1) until it reports a fingerprint: hello.last_round is only a claim.
+        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1)
+        self.sessions[hello.client_id] = session
+        self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
         logger.info("client %s joined (%s, mode %s, holds round %d of %d)", hello.client_id,
                     hello.device.device_type, hello.mode, hello.last_round, last)
+        if self.ledger.last_round() != last:  # a round committed while we welcomed it
+            await self._send_safely(session, self._sync_response(hello.last_round))
         self._poke()
         return session
 
@@ -460,6 +489,9 @@ class Coordinator:
         session.round = report.round
         session.fingerprint = report.fingerprint
         self._check_fingerprints(report.round)
+        if report.round < self.ledger.last_round() and session.busy_round is None:
+            # It missed a commit (it was welcomed or reconnected meanwhile): catch it up.
+            self._spawn(self._send_safely(session, self._sync_response(report.round)))
         self._poke()
 
     def _sync_response(self, have_round: int) -> SyncResponse:

@@ -37,8 +37,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_client.data import BatchStream, Example, load_jsonl, tokenize
 from edge_client.device import detect_device
-from edge_client.engines import Engine, EngineError, RoundPlan, get_engine
-from edge_client.model import base_weights_hash, load_model, resolve_model
+from edge_client.engines import Engine, RoundPlan, get_engine
+from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol import codec, limits
@@ -130,8 +130,9 @@ class EdgeClient:
         self.finished = False
         self.rounds_trained = 0
         self.rounds_since_connect = 0
-        self.bytes_sent_per_round: list[int] = []
+        self.bytes_last_round = 0  # bytes this client sent for the last round it trained
         self._bytes_this_round = 0
+        self._full_sync_pending = False
         self.federation: FederationInfo | None = None
         self.sync: ModelSync | None = None
         self.engine: Engine | None = None
@@ -169,8 +170,11 @@ class EdgeClient:
         where = self.config.copies
         if where == "auto":
             where = "file" if self.device.type == "cpu" and scope.kind == "full" else "memory"
+        copies_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
+        copies_dir = copies_dir / "copies"  # on disk: /tmp is often RAM (tmpfs)
+        copies_dir.mkdir(parents=True, exist_ok=True)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
-                              copies_dir=self.config.cache_dir)
+                              copies_dir=str(copies_dir))
         self.engine = self.engine_cls(self.model, space)
         self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len)
         seed = zlib.crc32(self.config.client_id.encode())
@@ -244,9 +248,14 @@ class EdgeClient:
             await asyncio.sleep(min(0.2, end - time.monotonic()))
 
     async def _send(self, connection: ClientConnection, message: Message) -> None:
+        """Send; a closed connection is not an error here: the receive loop still reads
+        what the coordinator sent before closing (a goodbye, say), then ends."""
         frame = codec.encode(message)
         self._bytes_this_round += len(frame)
-        await connection.send(frame)
+        try:
+            await connection.send(frame)
+        except ConnectionClosed:
+            logger.debug("connection closed; %s not sent", message.TYPE)
 
     async def _recv(self, connection: ClientConnection) -> Message:
         return _decode(await connection.recv())
@@ -274,6 +283,8 @@ class EdgeClient:
             raise FatalClientError(f"expected welcome, got {reply.TYPE}")
         await asyncio.to_thread(self._setup_federation, reply.federation)
         assert self.sync is not None
+        if self.stopping:
+            return
         if self.sync.drifted:
             await asyncio.to_thread(self.sync.discard_local_training)
         if self.sync.round != reply.last_committed_round:
@@ -299,7 +310,7 @@ class EdgeClient:
             logger.warning("coordinator error %s: %s%s", message.code, message.message,
                            f" ({message.field})" if message.field else "")
             if message.code == "fingerprint_mismatch":
-                await self._send(connection, SyncRequest(have_round=0))
+                await self._request_full_sync(connection)
         elif isinstance(message, Goodbye):
             logger.info("coordinator said goodbye: %s", message.reason)
             self.finished = True
@@ -332,8 +343,9 @@ class EdgeClient:
             result = await asyncio.to_thread(self.engine.train_round, plan, self._batches, progress)
         except _Stop:
             return
-        except EngineError as error:
-            logger.error("round %d: local training failed: %s", task.round, error)
+        except Exception as error:  # out of memory, a non-finite loss, a bad batch: skip the round
+            logger.error("round %d: local training failed (%s: %s); no update sent", task.round,
+                         type(error).__name__, error)
             await asyncio.to_thread(sync.discard_local_training)
             return
         await self._send(connection, Update(
@@ -357,15 +369,18 @@ class EdgeClient:
                                     commit.table_digest)
         except SyncError as error:
             logger.error("cannot apply round %d (%s); resyncing", commit.round, error)
-            await self._send(connection, SyncRequest(have_round=0))
+            await self._request_full_sync(connection)
             return
         await self._report_fingerprint(connection)
         self.rounds_since_connect += 1
-        self.bytes_sent_per_round.append(self._bytes_this_round)
+        self.bytes_last_round = self._bytes_this_round
 
     async def _apply_sync(self, connection: ClientConnection, response: SyncResponse) -> None:
         assert self.sync is not None
         sync = self.sync
+        if response.target_round <= sync.round and not sync.drifted and not self._full_sync_pending:
+            return  # stale: we applied those commits meanwhile
+        self._full_sync_pending = False
         rounds = [RoundCoefficients(entry.round, tuple(entry.coefficients)) for entry in response.rounds]
         started = time.perf_counter()
         try:
@@ -382,12 +397,16 @@ class EdgeClient:
         except SyncError as error:
             if response.base_round != 0:
                 logger.error("sync failed (%s); requesting a full sync", error)
-                await self._send(connection, SyncRequest(have_round=0))
+                await self._request_full_sync(connection)
                 return
             raise _Resync(f"full sync failed: {error}") from error
         logger.info("caught up to round %d (from base round %d, %d table entries, %d rounds) in %.1fs",
                     sync.round, response.base_round, len(response.table), len(rounds), time.perf_counter() - started)
         await self._report_fingerprint(connection)
+
+    async def _request_full_sync(self, connection: ClientConnection) -> None:
+        self._full_sync_pending = True
+        await self._send(connection, SyncRequest(have_round=0))
 
     async def _report_fingerprint(self, connection: ClientConnection) -> None:
         assert self.sync is not None

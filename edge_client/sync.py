@@ -135,8 +135,21 @@ class ModelSync:
         """Jump to ``base_round + len(rounds)`` from a sync response.
 
         ``table`` is the ledger's table as of ``base_round`` (a rebase round, or 0), and
-        ``rounds`` the committed rounds after it.
+        ``rounds`` the committed rounds after it. If anything does not check out, the
+        replica is reset to the base weights (round 0, empty table) before SyncError is
+        raised, so no unverified state is ever reported or trained on.
         """
+        try:
+            self._catch_up(base_round, table, rounds, target_digest)
+        except Exception:
+            self.table = {}
+            self.round = 0
+            self.base.restore(self.space)
+            self._mark_canonical()
+            raise
+
+    def _catch_up(self, base_round: int, table: Iterable[tuple[int, float]],
+                  rounds: Sequence[RoundCoefficients], target_digest: str) -> None:
         if base_round and not self.is_rebase(base_round):
             raise SyncError(f"sync base round {base_round} is not a rebase round")
         self.table = {seed: total for seed, total in table}

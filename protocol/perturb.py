@@ -147,6 +147,7 @@ def _apply_eager(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -> N
 _compiled_lock = threading.Lock()
 _compiled_fn: Callable[..., None] | None = None
 _compile_failed = False
+_compiled_shapes: set[tuple[int, torch.device]] = set()
 
 
 def _get_compiled() -> Callable[..., None] | None:
@@ -207,14 +208,36 @@ def apply_rademacher(
         raise PerturbationError(f"coefficient must be finite in float32, got {coefficient!r}")
     key = torch.tensor(_signed64(key_value), dtype=torch.int64, device=flat.device)
     chosen = _resolve_backend(backend, flat.numel())
-    if chosen == "compiled":
-        fn = _get_compiled()
-        if fn is not None:
-            with torch.no_grad():
-                fn(flat, key, coef)
-            return
+    if chosen == "compiled" and _apply_compiled(flat, key, coef):
+        return
     with torch.no_grad():
         _apply_eager(flat, key, coef)
+
+
+def _apply_compiled(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -> bool:
+    """Run the fused kernel; False if this machine cannot compile it (use eager).
+
+    ``torch.compile`` compiles lazily, on the first call for each tensor shape, so that is
+    where a missing C++ compiler (or Triton on a GPU) shows. A failed compilation raises
+    before the kernel runs, so ``flat`` is untouched and the eager path can take over.
+    """
+    global _compile_failed
+    fn = _get_compiled()
+    if fn is None:
+        return False
+    try:
+        with torch.no_grad():
+            fn(flat, key, coef)
+    except Exception as exc:
+        if (flat.numel(), flat.device) in _compiled_shapes:
+            raise  # this kernel ran before: a real error, not a missing compiler
+        with _compiled_lock:
+            _compile_failed = True
+        logger.warning("compiling the perturbation kernel failed (%s: %s); using the eager path, "
+                       "which gives the same bits more slowly", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return False
+    _compiled_shapes.add((flat.numel(), flat.device))
+    return True
 
 
 def apply_gaussian(flat: torch.Tensor, seed: int, coefficient: float) -> None:

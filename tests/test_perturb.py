@@ -118,3 +118,24 @@ def test_bad_tensors_and_coefficients_are_refused():
         apply_rademacher(torch.zeros(64), 1, float("nan"))
     with pytest.raises(PerturbationError, match="finite"):
         apply_rademacher(torch.zeros(64), 1, 1e39)
+
+
+def test_a_machine_that_cannot_compile_falls_back_to_the_same_bits(monkeypatch):
+    import protocol.perturb as perturb
+
+    def broken_compile(*args, **kwargs):
+        def fails(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler")
+        return fails
+
+    monkeypatch.setattr(perturb, "_compiled_fn", None)
+    monkeypatch.setattr(perturb, "_compile_failed", False)
+    monkeypatch.setattr(perturb, "_compiled_shapes", set())
+    monkeypatch.setattr(perturb.torch, "compile", broken_compile)
+    n = padded_length(10_000)
+    expected = torch.zeros(n)
+    apply_rademacher(expected, 8, 0.25, backend="eager")
+    got = torch.zeros(n)
+    apply_rademacher(got, 8, 0.25, backend="compiled")
+    assert torch.equal(got, expected)
+    assert perturb._compile_failed

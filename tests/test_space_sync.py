@@ -151,6 +151,20 @@ def test_discarding_local_training_returns_to_the_current_round_whatever_comes_n
         sync.apply_commit(entry.round, entry.coefficients)
 
 
+def test_a_failed_catch_up_leaves_the_base_model_not_a_half_applied_one():
+    rng = random.Random(3)
+    rounds = _rounds(4, [rng.randrange(2**63) for _ in range(5)], rng)
+    _, space = make_space()
+    base = space.fingerprint()
+    sync = ModelSync(space, rebase_every=2)
+    with pytest.raises(SyncError, match="digest"):
+        sync.catch_up(2, sorted_entries(_fold({}, rounds[:2])), rounds[2:], "0" * 64)
+    assert (sync.round, sync.table, space.fingerprint()) == (0, {}, base)
+    sync.begin_local_training(0)  # usable again: train, discard, commit
+    sync.discard_local_training()
+    assert space.fingerprint() == base
+
+
 def test_commit_checks_order_totals_and_digest():
     _, space = make_space()
     sync = ModelSync(space, rebase_every=2)
