@@ -32,6 +32,7 @@ from coordinator.ledger import Contribution, Ledger, LedgerError
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
 from protocol.messages import (
+    OBSERVER_MODE,
     Challenge,
     DeviceProfile,
     Error,
@@ -79,8 +80,10 @@ class ClientSession:
     flagged: bool = False
     last_loss_before: float | None = None
     last_loss_after: float | None = None
-    bytes_received: int = 0  # every frame this client sent, since it connected
+    bytes_received: int = 0  # every frame this client sent since it connected, framing included
+    round_bytes: dict[int, int] = field(default_factory=dict)  # update + fingerprint frames per round
     rounds_participated: int = 0  # updates accepted from it
+    trained_rounds: set[int] = field(default_factory=set)
 
 
 class Coordinator:
@@ -179,8 +182,10 @@ class Coordinator:
     # -- rounds -----------------------------------------------------------------------
 
     def _ready_clients(self) -> list[ClientSession]:
+        """Clients that can take a task now: synced, idle, trusted, and training ones."""
         last = self.ledger.last_round()
-        return [s for s in self.sessions.values() if s.round == last and s.busy_round is None and not s.flagged]
+        return [s for s in self.sessions.values()
+                if s.round == last and s.busy_round is None and not s.flagged and s.mode != OBSERVER_MODE]
 
     async def _wait_for(self, predicate: Any, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -366,9 +371,13 @@ class Coordinator:
         frame = await asyncio.wait_for(connection.recv(), timeout)
         if isinstance(frame, str):
             raise _TextFrame()
+        message = codec.decode(frame)
         if session is not None:
-            session.bytes_received += len(frame)
-        return codec.decode(frame)
+            size = len(frame) + websocket_frame_overhead(len(frame), masked=True)
+            session.bytes_received += size
+            if isinstance(message, (Update, Fingerprint)):
+                session.round_bytes[message.round] = session.round_bytes.get(message.round, 0) + size
+        return message
 
     async def _handle(self, connection: ServerConnection) -> None:
         nonce = secrets.token_bytes(32)
@@ -475,6 +484,7 @@ class Coordinator:
             return
         if not outcome.duplicate:
             session.rounds_participated += 1
+            session.trained_rounds.add(update.round)
             session.busy_round = None
             session.last_loss_before = update.loss_before
             session.last_loss_after = update.loss_after
@@ -530,7 +540,8 @@ class Coordinator:
                 {"client_id": s.client_id, "mode": s.mode, "device": asdict(s.device), "round": s.round,
                  "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
-                 "bytes_received": s.bytes_received, "rounds_participated": s.rounds_participated}
+                 "bytes_received": s.bytes_received, "rounds_participated": s.rounds_participated,
+                 "bytes_per_round": _mean_round_bytes(s)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.client_id)
             ],
             "rounds": [
@@ -548,6 +559,19 @@ class Coordinator:
         headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                            ("Connection", "close")])
         return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
+
+
+def websocket_frame_overhead(payload: int, *, masked: bool) -> int:
+    """Bytes a websocket frame adds to its payload (RFC 6455 §5.2): 2-byte header, a 2- or
+    8-byte extended length beyond 125 or 65535 bytes, and a 4-byte mask on client frames."""
+    extended = 0 if payload < 126 else 2 if payload < 65536 else 8
+    return 2 + extended + (4 if masked else 0)
+
+
+def _mean_round_bytes(session: ClientSession) -> float | None:
+    """Mean bytes a client sent per round it trained (its update and its fingerprint)."""
+    trained = [session.round_bytes.get(r, 0) for r in session.trained_rounds]
+    return sum(trained) / len(trained) if trained else None
 
 
 class _TextFrame(Exception):

@@ -28,6 +28,7 @@ import secrets
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol import codec, limits
 from protocol.errors import MalformedFrame, PeerProtocolError, VersionMismatch
 from protocol.messages import (
+    OBSERVER_MODE,
     Challenge,
     Error,
     FederationInfo,
@@ -62,6 +64,7 @@ from protocol.messages import (
 )
 
 __all__ = ["ClientConfig", "EdgeClient", "FatalClientError"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +88,11 @@ class ClientConfig:
     Attributes:
         url: the coordinator's websocket URL (ws://host:port).
         client_id: this client's name in the federation.
-        data_path: JSONL file of instruction/response records (stays on the device).
+        data_path: JSONL file of instruction/response records (stays on the device);
+            None for an observer.
         model: model source (builtin name, .gguf file or HF directory).
-        mode: training mode (engine name).
+        mode: training mode (engine name), or "observe": follow the ledger without
+            training (an evaluator), never given tasks.
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
         memory_budget_bytes: a user-set memory budget, reported to the coordinator.
         cache_dir: model conversion cache (None: the default).
@@ -99,7 +104,7 @@ class ClientConfig:
 
     url: str
     client_id: str
-    data_path: str
+    data_path: str | None
     model: str = "smollm2-135m"
     mode: str = "mezo"
     device: str = "auto"
@@ -125,7 +130,11 @@ class EdgeClient:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.engine_cls = get_engine(config.mode)
+        self.observer = config.mode == OBSERVER_MODE
+        self.engine_cls = None if self.observer else get_engine(config.mode)
+        # Called in a worker thread each time the model reaches a new ledger round
+        # (after its fingerprint is sent): the evaluator's hook.
+        self.on_round: Callable[[int], None] | None = None
         self.stopping = False
         self.finished = False
         self.rounds_trained = 0
@@ -133,6 +142,7 @@ class EdgeClient:
         self.bytes_last_round = 0  # bytes this client sent for the last round it trained
         self._bytes_this_round = 0
         self._full_sync_pending = False
+        self._last_hooked_round = -1
         self.federation: FederationInfo | None = None
         self.sync: ModelSync | None = None
         self.engine: Engine | None = None
@@ -144,11 +154,16 @@ class EdgeClient:
     def prepare(self) -> None:
         """Load the data and the base model, and hash the base weights."""
         config = self.config
-        records, problems = load_jsonl(config.data_path, instruction_field=config.instruction_field,
-                                       response_field=config.response_field)
-        self._records = records
-        if problems:
-            logger.warning("%s: %d bad records skipped (first: %s)", config.data_path, len(problems), problems[0])
+        self._records = []
+        if not self.observer:
+            if config.data_path is None:
+                raise ValueError("a training client needs a data file")
+            records, problems = load_jsonl(config.data_path, instruction_field=config.instruction_field,
+                                           response_field=config.response_field)
+            self._records = records
+            if problems:
+                logger.warning("%s: %d bad records skipped (first: %s)", config.data_path, len(problems),
+                               problems[0])
         self.device, self.profile = detect_device(config.device, memory_budget_bytes=config.memory_budget_bytes)
         started = time.perf_counter()
         model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
@@ -175,11 +190,12 @@ class EdgeClient:
         copies_dir.mkdir(parents=True, exist_ok=True)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
                               copies_dir=str(copies_dir))
-        self.engine = self.engine_cls(self.model, space)
-        self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len)
-        seed = zlib.crc32(self.config.client_id.encode())
-        self._batches = BatchStream(self._examples, federation.batch_size, seed=seed,
-                                    pad_token_id=self.tokenizer.pad_token_id or 0)
+        if self.engine_cls is not None:
+            self.engine = self.engine_cls(self.model, space)
+            self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len)
+            seed = zlib.crc32(self.config.client_id.encode())
+            self._batches = BatchStream(self._examples, federation.batch_size, seed=seed,
+                                        pad_token_id=self.tokenizer.pad_token_id or 0)
         self.federation = federation
         logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
                     federation.federation_id, scope.kind, space.numel, len(self._examples))
@@ -272,7 +288,7 @@ class EdgeClient:
         sync = self.sync
         await self._send(connection, Hello(
             protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
-            mode=self.engine_cls.name, model_hash=self.model_hash,
+            mode=OBSERVER_MODE if self.engine_cls is None else self.engine_cls.name, model_hash=self.model_hash,
             last_round=sync.round if sync is not None else 0,
             table_digest=sync.table_digest() if sync is not None else None, public_key=None, signature=None,
         ))
@@ -320,8 +336,11 @@ class EdgeClient:
         return not self.stopping
 
     async def _train(self, connection: ClientConnection, task: RoundTask) -> None:
-        assert self.sync is not None and self.engine is not None and self._batches is not None
+        assert self.sync is not None
         sync = self.sync
+        if self.engine is None or self._batches is None:
+            logger.warning("round %d: an observer was given a task; ignoring it", task.round)
+            return
         if task.base_round != sync.round:
             logger.info("task for round %d but we hold round %d: syncing first", task.round, sync.round)
             await self._send(connection, SyncRequest(have_round=sync.round))
@@ -332,7 +351,7 @@ class EdgeClient:
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)
-        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.engine_cls.name)
+        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.config.mode)
 
         def progress(done: int, total: int, loss: float) -> None:
             if self.stopping:
@@ -414,6 +433,9 @@ class EdgeClient:
         await self._send(connection, Fingerprint(round=self.sync.round, fingerprint=fingerprint,
                                                  table_digest=self.sync.table_digest()))
         logger.info("round %d: fingerprint %s...", self.sync.round, fingerprint[:16])
+        if self.on_round is not None and self.sync.round != self._last_hooked_round:
+            self._last_hooked_round = self.sync.round
+            await asyncio.to_thread(self.on_round, self.sync.round)
 
 
 def _decode(frame: str | bytes) -> Message:

@@ -53,6 +53,7 @@ from protocol.limits import (
 )
 
 __all__ = [
+    "OBSERVER_MODE",
     # field kinds
     "Kind",
     "IntKind",
@@ -967,6 +968,11 @@ class Error(_Record):
     message: TextField
     field: Annotated[str | None, OptionalKind(TEXT)]
     round: Annotated[int | None, OptionalKind(ROUND)]
+
+
+OBSERVER_MODE = "observe"
+"""The ``hello.mode`` of a client that follows the ledger (an evaluator, say) but never
+trains: the coordinator never assigns it a task."""
 
 
 @_schema
