@@ -25,6 +25,9 @@ IGNORE_INDEX = -100
 
 _PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
+PromptFormat = Literal["plain", "chat"]
+"""How an instruction becomes a prompt: :func:`format_prompt` or the chat template."""
+
 
 class DataError(ValueError):
     """Training data is missing, malformed or unusable."""
@@ -197,36 +200,135 @@ def format_prompt(instruction: str) -> str:
     return _PROMPT_TEMPLATE.format(instruction=instruction)
 
 
+def prompt_text(
+    instruction: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompt_format: PromptFormat = "plain",
+) -> str:
+    """Builds the prompt text that :func:`tokenize` puts before a response.
+
+    Evaluation code should build its prompts here (and tokenize them with
+    :func:`prompt_ids`, or with ``add_special_tokens=``
+    :func:`prompt_adds_special_tokens`) so they match training exactly.
+
+    Args:
+        instruction: The instruction text.
+        tokenizer: The model's tokenizer; only used (and required) for
+            ``"chat"``.
+        prompt_format: ``"plain"`` for :func:`format_prompt`; ``"chat"`` for
+            the tokenizer's chat template applied to a single user turn with
+            the generation prompt (the assistant header) appended.
+
+    Returns:
+        The prompt text.
+
+    Raises:
+        DataError: For ``"chat"`` if the tokenizer has no chat template or the
+            template fails to render.
+        ValueError: If ``prompt_format`` is unknown.
+    """
+    _check_prompt_format(prompt_format)
+    if prompt_format == "plain":
+        return format_prompt(instruction)
+    _require_chat_template(tokenizer)
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja2 and transformers raise many types on bad templates
+        raise DataError(f"the tokenizer's chat template failed to render: {e}") from e
+    if not isinstance(text, str):
+        raise DataError(f"the tokenizer's chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def prompt_adds_special_tokens(prompt_format: PromptFormat) -> bool:
+    """Whether prompts of this format are tokenized with ``add_special_tokens``.
+
+    ``"plain"`` prompts get the tokenizer's default specials (e.g. bos);
+    ``"chat"`` prompts do not, because the chat template already writes any
+    special tokens it wants (adding them again would double bos).
+    """
+    _check_prompt_format(prompt_format)
+    return prompt_format == "plain"
+
+
+def prompt_ids(
+    instruction: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_format: PromptFormat = "plain",
+) -> list[int]:
+    """The prompt token ids :func:`tokenize` uses for ``instruction``.
+
+    Args:
+        instruction: The instruction text.
+        tokenizer: The model's tokenizer.
+        prompt_format: See :func:`prompt_text`.
+
+    Returns:
+        Token ids of :func:`prompt_text`, tokenized with
+        ``add_special_tokens=``:func:`prompt_adds_special_tokens`.
+    """
+    text = prompt_text(instruction, tokenizer, prompt_format)
+    return list(
+        tokenizer(text, add_special_tokens=prompt_adds_special_tokens(prompt_format))["input_ids"]
+    )
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "prompt_format='chat' needs a tokenizer with a chat template, but this tokenizer has "
+            "none (no chat_template in its tokenizer_config.json or chat_template.jinja); use "
+            "prompt_format='plain' or an instruction-tuned model's tokenizer"
+        )
+
+
+def _check_prompt_format(prompt_format: str) -> None:
+    if prompt_format not in ("plain", "chat"):
+        raise ValueError(f"prompt_format must be 'plain' or 'chat', not {prompt_format!r}")
+
+
 def tokenize(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_seq_len: int,
+    prompt_format: PromptFormat = "plain",
 ) -> list[Example]:
     """Tokenizes records into examples whose loss covers the response only.
 
-    The prompt (:func:`format_prompt`) is tokenized with
-    ``add_special_tokens=True`` (so it gets bos if the tokenizer adds one by
-    default), the response with ``add_special_tokens=False``, and eos is
-    appended. Sequences longer than ``max_seq_len`` are cut on the right; an
-    example whose response is cut away entirely is dropped and counted in a
-    warning.
+    The prompt is :func:`prompt_text`: with ``prompt_format="plain"``,
+    :func:`format_prompt` tokenized with ``add_special_tokens=True`` (so it
+    gets bos if the tokenizer adds one by default); with ``"chat"``, the
+    tokenizer's chat template for one user turn plus the generation prompt,
+    tokenized with ``add_special_tokens=False`` (the template writes its own
+    special tokens). The response is tokenized with
+    ``add_special_tokens=False`` and eos is appended, in both formats.
+    Sequences longer than ``max_seq_len`` are cut on the right; an example
+    whose response is cut away entirely is dropped and counted in a warning.
 
     Args:
         records: Records from :func:`load_jsonl`.
-        tokenizer: The model's tokenizer; must have an eos token.
+        tokenizer: The model's tokenizer; must have an eos token (and a chat
+            template for ``"chat"``).
         max_seq_len: Maximum number of tokens per example (at least 2).
+        prompt_format: ``"plain"`` or ``"chat"``; see :func:`prompt_text`.
 
     Returns:
         The examples, in the order of ``records`` (minus dropped ones).
 
     Raises:
-        DataError: If the tokenizer has no eos token, or every example was
+        DataError: If the tokenizer has no eos token, ``"chat"`` is asked
+            for and the tokenizer has no chat template, or every example was
             dropped by truncation.
-        ValueError: If ``max_seq_len`` < 2.
+        ValueError: If ``max_seq_len`` < 2 or ``prompt_format`` is unknown.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    _check_prompt_format(prompt_format)
+    if prompt_format == "chat":
+        _require_chat_template(tokenizer)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no eos token; cannot mark the end of responses")
@@ -234,7 +336,8 @@ def tokenize(
         return []
 
     prompts = tokenizer(
-        [format_prompt(r.instruction) for r in records], add_special_tokens=True
+        [prompt_text(r.instruction, tokenizer, prompt_format) for r in records],
+        add_special_tokens=prompt_adds_special_tokens(prompt_format),
     )["input_ids"]
     responses = tokenizer([r.response for r in records], add_special_tokens=False)["input_ids"]
 

@@ -2,8 +2,10 @@
 
 A model source is resolved to a plain local Hugging Face model directory
 (``config.json`` + safetensors + tokenizer files) by :func:`resolve_model`;
-GGUF files are converted once into a content-addressed cache. The directory is
-then loaded, frozen and in eval mode, by :func:`load_model`.
+GGUF files are converted once into a content-addressed cache. A Hugging Face
+hub id (``"org/name"``) resolves to itself and is downloaded (or read from the
+Hugging Face cache) by :func:`load_model`. The model is loaded frozen and in
+eval mode by :func:`load_model`.
 :func:`base_weights_hash` fingerprints the loaded weights so that clients and
 the coordinator can check they start from bit-identical base weights.
 """
@@ -15,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -44,6 +47,10 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# "org/name" as the Hugging Face hub accepts it: one slash, word characters,
+# "-" and "." (no "--" or ".."), at most 96 characters.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
+_HUB_ID_MAX_LEN = 96
 _HASH_CHUNK_BYTES = 16 * 1024 * 1024
 _FILE_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -65,33 +72,62 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "edgefed"
 
 
-def resolve_model(source: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Path:
-    """Resolves a model source to a local Hugging Face model directory.
+def is_hub_id(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a Hugging Face hub model rather than a local path.
+
+    True for a ``str`` of the form ``"org/name"`` (one slash; letters, digits,
+    ``_``, ``-``, ``.``; no ``--`` or ``..``; at most 96 characters; not
+    ending in ``.gguf`` or ``.git``) that is not an existing local path.
+    ``os.PathLike`` objects are always paths.
+    """
+    if not isinstance(source, str):
+        return False
+    return (
+        _HUB_ID.fullmatch(source) is not None
+        and len(source) <= _HUB_ID_MAX_LEN
+        and "--" not in source
+        and ".." not in source
+        and not source.lower().endswith((".gguf", ".git"))
+        and not Path(source).expanduser().exists()
+    )
+
+
+def resolve_model(
+    source: str | os.PathLike[str], *, cache_dir: Path | None = None
+) -> Path | str:
+    """Resolves a model source to something :func:`load_model` can load.
 
     Args:
         source: One of: the builtin name ``"smollm2-135m"`` (:data:`DEFAULT_MODEL`);
             a path to a ``.gguf`` file; a local directory holding a Hugging Face
-            causal-LM (``config.json``, weights, tokenizer files).
+            causal-LM (``config.json``, weights, tokenizer files); a Hugging
+            Face hub id ``"org/name"`` that is not an existing local path (see
+            :func:`is_hub_id`).
         cache_dir: Root of the conversion cache; defaults to
             :func:`default_cache_dir`. Converted GGUF models live under
             ``cache_dir/models/<stem>-<sha256[:16]>/``.
 
     Returns:
-        Path of a directory that :func:`load_model` can load offline.
+        For local sources, the ``Path`` of a directory that :func:`load_model`
+        can load offline. For a hub id, the id itself as a ``str``; nothing is
+        downloaded here (:func:`load_model` fetches it).
 
     Raises:
-        ModelLoadError: If the source does not exist, is not a GGUF file or a
-            model directory, is not a valid GGUF file, or holds an architecture
-            that transformers cannot load as a causal LM.
+        ModelLoadError: If the source does not exist (and is not a hub id), is
+            not a GGUF file or a model directory, is not a valid GGUF file, or
+            holds an architecture that transformers cannot load as a causal LM.
     """
     if str(source) == DEFAULT_MODEL:
         return _convert_gguf_cached(_builtin_gguf_path(), cache_dir)
 
     path = Path(source).expanduser()
     if not path.exists():
+        if is_hub_id(source):
+            return str(source)
         raise ModelLoadError(
             f"model source {str(path)!r} does not exist; expected the builtin name "
-            f"{DEFAULT_MODEL!r}, a path to a .gguf file, or a Hugging Face model directory"
+            f"{DEFAULT_MODEL!r}, a path to a .gguf file, a Hugging Face model directory, "
+            f"or a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
         )
     if path.is_dir():
         _check_model_dir(path)
@@ -105,15 +141,19 @@ def resolve_model(source: str | os.PathLike[str], *, cache_dir: Path | None = No
 
 
 def load_model(
-    model_dir: Path,
+    model_dir: Path | str,
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads a causal LM and its tokenizer from a local directory, frozen.
+    """Loads a causal LM and its tokenizer, frozen.
 
     Args:
-        model_dir: A directory as returned by :func:`resolve_model`.
+        model_dir: What :func:`resolve_model` returned: a local directory
+            (loaded with ``local_files_only=True``), or a hub id ``str`` (see
+            :func:`is_hub_id`), which transformers downloads into, or reads
+            from, the Hugging Face cache. In offline mode (``HF_HUB_OFFLINE=1``)
+            only the cache is consulted.
         dtype: Parameter dtype to load the weights in.
         device: Torch device to place the model on.
 
@@ -124,16 +164,22 @@ def load_model(
 
     Raises:
         ModelLoadError: If the directory is missing, incomplete, holds an
-            unsupported architecture, or the tokenizer has neither a pad nor an
-            eos token.
+            unsupported architecture, a hub id cannot be fetched (offline mode
+            without a cached copy, no network, unknown or gated repository),
+            or the tokenizer has neither a pad nor an eos token.
     """
-    model_dir = Path(model_dir)
-    _check_model_dir(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load the model in {str(model_dir)!r}: {e}") from e
+    if is_hub_id(model_dir):
+        model, tokenizer = _load_from_hub(str(model_dir), dtype)
+    else:
+        model_dir = Path(model_dir)
+        _check_model_dir(model_dir)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"could not load the model in {str(model_dir)!r}: {e}") from e
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -145,6 +191,49 @@ def load_model(
                 f"set pad_token in its tokenizer_config.json"
             )
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    """Whether Hugging Face hub downloads are disabled (``HF_HUB_OFFLINE`` etc.)."""
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if any(flag.strip().upper() in ("1", "ON", "YES", "TRUE") for flag in flags):
+        return True
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        return bool(HF_HUB_OFFLINE)
+    return bool(is_offline_mode())
+
+
+def _load_from_hub(
+    hub_id: str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a hub model through the Hugging Face cache, downloading if allowed."""
+    offline = _hub_offline()
+    logger.info(
+        "loading %s from the Hugging Face %s", hub_id, "cache (offline mode)" if offline else "hub"
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+    except Exception as e:  # OSError, ValueError, HTTP and hub errors alike
+        if offline:
+            reason = (
+                "Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and no complete copy is in "
+                "the local Hugging Face cache; unset HF_HUB_OFFLINE to download it"
+            )
+        else:
+            reason = (
+                "it could not be downloaded (no network access, an unknown or gated "
+                "repository, or not a causal LM transformers can load)"
+            )
+        raise ModelLoadError(
+            f"could not fetch the Hugging Face model {hub_id!r}: {reason}. Alternatively pass a "
+            f"local Hugging Face model directory or a .gguf file. Cause: {e}"
+        ) from e
     return model, tokenizer
 
 

@@ -24,6 +24,9 @@ from edge_client.data import (
     Record,
     format_prompt,
     load_jsonl,
+    prompt_adds_special_tokens,
+    prompt_ids,
+    prompt_text,
     tokenize,
 )
 from edge_client.model import load_model
@@ -31,8 +34,27 @@ from edge_client.tiny import BOS_ID, EOS_ID, PAD_ID, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    _, tok = load_model(make_tiny_llama(tmp_path_factory.mktemp("tiny")))
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir: Path):
+    _, tok = load_model(tiny_dir)
+    return tok
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_dir: Path):
+    """A fresh tiny tokenizer with a simple chat template (the shared one has none)."""
+    _, tok = load_model(tiny_dir)
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -152,6 +174,59 @@ def test_tokenize_truncates_and_drops(tokenizer, caplog: pytest.LogCaptureFixtur
 def test_tokenize_all_dropped_raises(tokenizer) -> None:
     with pytest.raises(DataError, match="truncated away"):
         tokenize([Record("long instruction", "x", 1)], tokenizer, max_seq_len=5)
+
+
+def test_prompt_text_plain_needs_no_tokenizer() -> None:
+    assert prompt_text("Do X", None, "plain") == format_prompt("Do X")
+    assert prompt_text("Do X", None) == format_prompt("Do X")
+    assert prompt_adds_special_tokens("plain") and not prompt_adds_special_tokens("chat")
+
+
+def test_plain_is_the_default(tokenizer) -> None:
+    records = [Record("Say hi", "hi", 1), Record("", "x", 2)]
+    default = tokenize(records, tokenizer, max_seq_len=256)
+    plain = tokenize(records, tokenizer, max_seq_len=256, prompt_format="plain")
+    assert default == plain
+    assert default[0].input_ids[: -3] == prompt_ids("Say hi", tokenizer, "plain")
+
+
+def test_chat_refused_without_template(tokenizer) -> None:
+    assert not tokenizer.chat_template
+    with pytest.raises(DataError, match="chat template"):
+        tokenize([Record("Say hi", "hi", 1)], tokenizer, max_seq_len=256, prompt_format="chat")
+    with pytest.raises(DataError, match="chat template"):
+        tokenize([], tokenizer, max_seq_len=256, prompt_format="chat")  # refused up front
+    with pytest.raises(DataError, match="chat template"):
+        prompt_text("Say hi", tokenizer, "chat")
+    with pytest.raises(DataError, match="chat template"):
+        prompt_text("Say hi", None, "chat")
+
+
+def test_unknown_prompt_format(tokenizer) -> None:
+    with pytest.raises(ValueError, match="prompt_format"):
+        tokenize([Record("a", "b", 1)], tokenizer, max_seq_len=256, prompt_format="alpaca")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prompt_format"):
+        prompt_text("a", tokenizer, "alpaca")  # type: ignore[arg-type]
+
+
+def test_chat_prompt_text(chat_tokenizer) -> None:
+    assert prompt_text("Say hi", chat_tokenizer, "chat") == "<|bos|><user>Say hi\n<assistant>"
+
+
+def test_tokenize_chat_masks_prompt(chat_tokenizer) -> None:
+    [ex] = tokenize([Record("Say hi", "hé", 1)], chat_tokenizer, max_seq_len=256, prompt_format="chat")
+    prompt = [BOS_ID, *b"<user>Say hi\n<assistant>"]  # bos from the template, once
+    response = list("hé".encode())
+    assert prompt_ids("Say hi", chat_tokenizer, "chat") == prompt
+    assert ex.input_ids == prompt + response + [EOS_ID]
+    assert ex.labels == [IGNORE_INDEX] * len(prompt) + response + [EOS_ID]
+    assert ex.input_ids.count(BOS_ID) == 1
+
+
+def test_tokenize_chat_template_error(chat_tokenizer) -> None:
+    chat_tokenizer.chat_template = "{{ raise_exception('no user turns here') }}"
+    with pytest.raises(DataError, match="no user turns here"):
+        tokenize([Record("a", "b", 1)], chat_tokenizer, max_seq_len=256, prompt_format="chat")
 
 
 def _examples(n: int) -> list[Example]:

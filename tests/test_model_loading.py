@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from edge_client.model import (
     ModelLoadError,
     base_weights_hash,
     default_cache_dir,
+    is_hub_id,
     load_model,
     resolve_model,
 )
@@ -218,6 +220,133 @@ def test_incomplete_dir_raises(tmp_path: Path, tiny_dir: Path) -> None:
     (copy / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="no weights"):
         load_model(copy)
+
+
+# A repository that does not exist on the hub, so it is in no local cache either.
+MISSING_HUB_ID = "edgefed-tests/no-such-model-7f3e9c"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records (and refuses) every attempt to resolve a host name or open a connection."""
+    attempts: list[str] = []
+
+    def refuse(what: str):
+        def guard(*args, **kwargs):
+            attempts.append(f"{what}{args[1:] if what == 'connect' else args}")
+            raise OSError(f"network access attempted in a test: {what}")
+
+        return guard
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("org/name", True),
+        ("org_1/name.v2-x", True),
+        ("gpt2", False),  # a bare name is a (missing) path, not an id
+        ("a/b/c", False),
+        ("/abs/path", False),
+        ("./org/name", False),
+        ("org/model.gguf", False),
+        ("org/name.git", False),
+        ("org--x/name", False),
+        ("org/na..me", False),
+        ("no such thing", False),
+        ("org/" + "x" * 93, False),
+        (Path("org/name"), False),
+    ],
+)
+def test_is_hub_id(source: str | Path, expected: bool) -> None:
+    assert is_hub_id(source) is expected
+
+
+def test_hub_id_resolves_to_itself(no_network: list[str]) -> None:
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert no_network == []
+
+
+def test_existing_local_path_wins_over_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "empty").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        resolve_model("org/empty")
+    shutil.copytree(tiny_dir, tmp_path / "org" / "tiny")
+    assert resolve_model("org/tiny") == (tmp_path / "org" / "tiny").resolve()
+    model, _ = load_model("org/tiny")  # a str that exists is a directory, not an id
+    assert model.config.model_type == "llama"
+
+
+def test_hub_id_offline_gives_clear_error(
+    monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_model(MISSING_HUB_ID)
+    assert resolved == MISSING_HUB_ID
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model(resolved)
+    message = str(excinfo.value)
+    assert MISSING_HUB_ID in message
+    assert "HF_HUB_OFFLINE" in message and "offline" in message
+    assert "local Hugging Face model directory" in message and ".gguf" in message
+    assert no_network == []
+
+
+def test_hub_download_failure_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "_hub_offline", lambda: False)
+
+    def fail(*args, **kwargs):
+        raise OSError("simulated: could not reach huggingface.co")
+
+    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(ModelLoadError, match="could not be downloaded.*simulated") as excinfo:
+        load_model(MISSING_HUB_ID)
+    assert "local Hugging Face model directory" in str(excinfo.value)
+
+
+def test_hub_id_loads_without_local_files_only(
+    monkeypatch: pytest.MonkeyPatch, tiny_dir: Path
+) -> None:
+    """A hub id goes to from_pretrained as is, allowed to download; the result is frozen."""
+    calls: list[tuple[str, object, dict]] = []
+    real_model = model_module.AutoModelForCausalLM.from_pretrained
+    real_tok = model_module.AutoTokenizer.from_pretrained
+
+    def fake_model(source, **kwargs):
+        calls.append(("model", source, kwargs))
+        return real_model(tiny_dir, **kwargs)
+
+    def fake_tok(source, **kwargs):
+        calls.append(("tokenizer", source, kwargs))
+        tok = real_tok(tiny_dir, **kwargs)
+        tok.pad_token = None  # load_model must supply one
+        return tok
+
+    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(model_module.AutoTokenizer, "from_pretrained", fake_tok)
+    model, tok = load_model("org/name", dtype=torch.bfloat16)
+    assert [(kind, source) for kind, source, _ in calls] == [("model", "org/name"), ("tokenizer", "org/name")]
+    assert all("local_files_only" not in kwargs for _, _, kwargs in calls)
+    assert calls[0][2]["dtype"] == torch.bfloat16
+    assert not model.training and all(not p.requires_grad for p in model.parameters())
+    assert tok.pad_token == tok.eos_token
+
+
+def test_neither_path_nor_id_raises(no_network: list[str]) -> None:
+    with pytest.raises(ModelLoadError, match="'no such thing' does not exist.*hub id"):
+        resolve_model("no such thing")
+    with pytest.raises(ModelLoadError, match="no such thing"):
+        load_model("no such thing")
+    assert no_network == []
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
