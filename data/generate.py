@@ -2,7 +2,7 @@
 
     python data/generate.py            # writes edge_client/datasets/instructions.jsonl
 
-Four task families with checkable answers: arithmetic word problems, formatting,
+Four task families with checkable answers and no repeated instruction: arithmetic word problems, formatting,
 sentiment classification with fixed label words, and number extraction. Each record is
 {"instruction", "response", "family"}. The same script always writes the same bytes.
 """
@@ -14,16 +14,18 @@ import random
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "edge_client" / "datasets" / "instructions.jsonl"
-PER_FAMILY = 600
+# Records per family; classification has only 12 x 16 = 192 distinct reviews.
+PER_FAMILY = {"arithmetic": 700, "formatting": 600, "classification": 192, "extraction": 700}
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kira", "Liam"]
 ITEMS = ["apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards"]
-POSITIVE = ["I loved this film, it was wonderful", "The service was quick and friendly",
-            "What a great little cafe", "This phone works perfectly", "The hotel room was spotless",
-            "An excellent book, I could not put it down", "The staff were kind and helpful"]
-NEGATIVE = ["The food was cold and bland", "I waited an hour and nobody came", "This charger broke in a day",
-            "The film was boring and far too long", "The room smelled of smoke", "Terrible support, never again",
-            "The package arrived damaged"]
+SUBJECTS = ["The film", "This phone", "The hotel room", "The service", "This book", "The cafe", "The charger",
+            "The concert", "This jacket", "The delivery", "The museum tour", "This laptop"]
+POSITIVE = ["was wonderful", "worked perfectly", "was a real pleasure", "exceeded my expectations",
+            "was excellent value", "made my day", "was better than I hoped", "was simply great"]
+NEGATIVE = ["was a total waste of money", "broke after a day", "was boring and far too long",
+            "was cold and disappointing", "arrived damaged", "was the worst I have had", "never worked properly",
+            "left me angry"]
 WORDS = ["river", "garden", "window", "planet", "silver", "orange", "winter", "castle", "pencil", "rocket"]
 
 
@@ -55,7 +57,7 @@ def formatting(rng: random.Random) -> dict[str, str]:
 
 def classification(rng: random.Random) -> dict[str, str]:
     positive = rng.random() < 0.5
-    text = rng.choice(POSITIVE if positive else NEGATIVE)
+    text = f"{rng.choice(SUBJECTS)} {rng.choice(POSITIVE if positive else NEGATIVE)}"
     return {"instruction": f"Is the sentiment of this review positive or negative? Review: \"{text}.\"",
             "response": "positive" if positive else "negative", "family": "classification"}
 
@@ -75,8 +77,15 @@ def extraction(rng: random.Random) -> dict[str, str]:
 def main() -> None:
     rng = random.Random(20261123)
     records = []
+    seen: set[str] = set()  # unique instructions: a held-out record must not also be a training record
     for make in (arithmetic, formatting, classification, extraction):
-        records.extend(make(rng) for _ in range(PER_FAMILY))
+        made = 0
+        while made < PER_FAMILY[make.__name__]:
+            record = make(rng)
+            if record["instruction"] not in seen:
+                seen.add(record["instruction"])
+                records.append(record)
+                made += 1
     rng.shuffle(records)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("w", encoding="utf-8", newline="\n") as out:

@@ -181,7 +181,7 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFED_PERTURB_BACKEND": "eager"}
     result = subprocess.run(
         [sys.executable, "-m", "edge_client.local_federation", "--model", str(model_dir), "--clients", "3",
-         "--rounds", "2", "--max-seq-len", "200", "--local-steps", "3", "--learning-rate", "1e-3",
+         "--rounds", "2", "--max-seq-len", "200", "--local-steps", "3", "--learning-rate", "1e-3", "--heldout", "8",
          "--run-dir", str(run_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -189,9 +189,24 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
     assert "all clients hold the same model: yes" in result.stdout
     status = json.loads((run_dir / "status.json").read_text())
     assert status["round"] == 2 and status["finished"]
-    budgets = sorted(c["device"]["memory_budget_bytes"] for c in status["clients"])
+    trainers = [c for c in status["clients"] if c["mode"] == "mezo"]
+    budgets = sorted(c["device"]["memory_budget_bytes"] for c in trainers)
     assert budgets == [2 * 2**30, 4 * 2**30, 8 * 2**30]
+    # the evaluator (an observer) follows the same ledger: same fingerprint, never trained
+    assert [c["mode"] for c in status["clients"] if c not in trainers] == ["observe"]
     assert len({c["fingerprint"] for c in status["clients"]}) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["fingerprints_agree"]
+    assert 0 < summary["bytes_per_client_round"] < 2000  # an update and a fingerprint, framing included
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert all(m["eval_loss"] > 0 for m in metrics)
+    assert summary["eval_loss_before"] == metrics[0]["eval_loss"]
+    assert summary["eval_loss_after"] == metrics[-1]["eval_loss"]
+    assert (run_dir / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heldout = {line for line in (run_dir / "heldout.jsonl").read_text().splitlines()}
+    for index in range(3):
+        assert not heldout & set((run_dir / f"client-{index}.jsonl").read_text().splitlines())
     rounds, _, _ = ledger_rows(run_dir / "ledger.db")
     assert rounds == [(1, 3), (2, 3)]
 

@@ -200,8 +200,9 @@ def test_error_on_empty_and_non_dict() -> None:
 def test_write_split_round_trip(tmp_path: Path) -> None:
     records = [json.loads(line) for line in SHIPPED.read_text(encoding="utf-8").splitlines()]
     records[0] = {**records[0], "instruction": "caf\u00e9 \U0001f600 \ud800", "extra": [1, {"b": None}]}
-    split = split_records(records, clients=3, per_client=100, scheme="dirichlet", alpha=0.5)
+    split = split_records(records, clients=3, heldout=240, per_client=100, scheme="dirichlet", alpha=0.5)
     summary = write_split(split, tmp_path / "out")
+    sizes = Counter(r["family"] for r in records)
 
     for i, client in enumerate(split.clients):
         path = tmp_path / "out" / f"client-{i}.jsonl"
@@ -217,7 +218,8 @@ def test_write_split_round_trip(tmp_path: Path) -> None:
     held = tmp_path / "out" / "heldout.jsonl"
     assert [json.loads(line) for line in held.read_text(encoding="utf-8").splitlines()] == split.heldout
     assert summary["heldout"]["records"] == 240
-    assert summary["heldout"]["families"] == {f: 60 for f in FAMILIES}
+    shares = summary["heldout"]["families"]  # stratified: in proportion to each family's size
+    assert all(abs(shares[f] - 240 * sizes[f] / len(records)) <= 1 for f in FAMILIES)
     assert summary["families"] == list(FAMILIES)
     assert summary["unused"] == len(records) - 240 - sum(len(c) for c in split.clients)
     json.dumps(summary)  # printable / serialisable
