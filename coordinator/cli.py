@@ -17,7 +17,7 @@ from coordinator.server import Coordinator
 # CLI flag -> FederationConfig field
 _OVERRIDES = {
     "federation_id": str, "model_name": str, "model_hash": str, "scope": str, "seed_pool_size": int,
-    "rebase_every": int, "perturbation": str, "learning_rate": float, "epsilon": float, "local_steps": int,
+    "rebase_every": int, "pool_key": int, "perturbation": str, "learning_rate": float, "epsilon": float, "local_steps": int,
     "batch_size": int, "max_seq_len": int, "rounds": int, "clients_per_round": int, "quorum": int,
     "min_clients": int, "deadline_s": float, "commit_wait_s": float, "ledger_path": str, "host": str,
     "port": int, "lora_rank": int, "lora_init_seed": int,

@@ -65,6 +65,8 @@ class FederationConfig:
         lora_rank, lora_alpha, lora_targets, lora_init_seed: the LoRA scope.
         seed_pool_size: K seeds in the pool (1..65536); the seed table, and so catch-up,
             never holds more than K entries.
+        pool_key: the key the seed pool is derived from (PROTOCOL.md §6.11); None draws a
+            random one when the ledger is created. Fixing it makes a run reproducible.
         rebase_every: every this many rounds the model is defined from theta_0 and the
             seed table (PROTOCOL.md §6); bounds catch-up to one table plus this many rounds.
         perturbation: "rademacher" (bit-exact) or "gaussian".
@@ -91,6 +93,7 @@ class FederationConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_init_seed: int = 0
     seed_pool_size: int = 1024
+    pool_key: int | None = None
     rebase_every: int = 8
     perturbation: str = "rademacher"
     aggregation: str = "mean"
@@ -126,6 +129,8 @@ class FederationConfig:
         if not 1 <= self.seed_pool_size <= limits.MAX_TABLE_ENTRIES:
             # A bounded pool bounds the seed table, hence catch-up and sync frames.
             raise bad("seed_pool_size", f"must be between 1 and {limits.MAX_TABLE_ENTRIES}")
+        if self.pool_key is not None and not 0 <= self.pool_key <= limits.MAX_SEED:
+            raise bad("pool_key", "must be in [0, 2**63)")
         if not 1 <= self.rebase_every <= limits.MAX_SYNC_ROUNDS:
             raise bad("rebase_every", f"must be between 1 and {limits.MAX_SYNC_ROUNDS}")
         if self.seed_pool_size + (self.rebase_every - 1) * self.local_steps > MAX_SYNC_PAIRS:
@@ -178,7 +183,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     "training": {
         "scope": "scope", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
         "lora_targets": "lora_targets", "lora_init_seed": "lora_init_seed",
-        "seed_pool_size": "seed_pool_size", "rebase_every": "rebase_every",
+        "seed_pool_size": "seed_pool_size", "pool_key": "pool_key", "rebase_every": "rebase_every",
         "perturbation": "perturbation", "aggregation": "aggregation",
         "learning_rate": "learning_rate", "epsilon": "epsilon", "local_steps": "local_steps",
         "batch_size": "batch_size", "max_seq_len": "max_seq_len",
@@ -194,7 +199,9 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
 def _coerce(name: str, value: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(FederationConfig)}
     expected = fields[name].type
-    if expected in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
+    if expected == "int | None" and value is None:
+        return value
+    if expected in ("int", "int | None") and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if expected in ("float",):
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -99,10 +99,11 @@ class Coordinator:
         self.ledger = ledger
         for key, value in config.identity().items():
             ledger.set_meta_once(key, value)
-        stored_pool_key = ledger.get_meta("pool_key")
-        if stored_pool_key is None:
+        if config.pool_key is not None:
+            ledger.set_meta_once("pool_key", str(config.pool_key))  # refuses a different stored key
+        elif ledger.get_meta("pool_key") is None:
             ledger.set_meta_once("pool_key", str(secrets.randbits(63)))
-            stored_pool_key = ledger.get_meta("pool_key")
+        stored_pool_key = ledger.get_meta("pool_key")
         self.pool_key = int(stored_pool_key or 0)
         self.sessions: dict[str, ClientSession] = {}
         self.machine: RoundMachine | None = None

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="model cache (default $EDGEFED_CACHE or ~/.cache/edgefed)")
     parser.add_argument("--copies", default="auto", choices=["auto", "memory", "file"],
                         help="where the base copy and round-start snapshot live")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
+                        help="prompt layout; auto = the model's chat template if it has one")
     parser.add_argument("--instruction-field", default="instruction")
     parser.add_argument("--response-field", default="response")
     parser.add_argument("--log-level", default="INFO")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ClientConfig(url=args.url, client_id=args.client_id, data_path=args.data, model=args.model,
                               mode=args.mode, device=args.device, memory_budget_bytes=budget,
                               cache_dir=args.cache_dir, copies=args.copies,
-                              instruction_field=args.instruction_field, response_field=args.response_field)
+                              instruction_field=args.instruction_field, response_field=args.response_field,
+                              prompt_format=args.prompt_format)
         client = EdgeClient(config)
         client.prepare()
         asyncio.run(client.run())

@@ -36,7 +36,7 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from edge_client.data import BatchStream, Example, load_jsonl, tokenize
+from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import detect_device
 from edge_client.engines import Engine, RoundPlan, get_engine
 from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
@@ -100,6 +100,8 @@ class ClientConfig:
             clients, host memory for accelerator clients; "memory"; "file").
         initial_backoff_s, max_backoff_s: reconnect delays (doubling, with jitter).
         instruction_field, response_field: JSONL field names.
+        prompt_format: "plain", "chat" (the tokenizer's chat template) or "auto" (chat when
+            the tokenizer has a template). Every client of a federation must use the same.
     """
 
     url: str
@@ -115,6 +117,7 @@ class ClientConfig:
     max_backoff_s: float = 30.0
     instruction_field: str = "instruction"
     response_field: str = "response"
+    prompt_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
@@ -168,6 +171,7 @@ class EdgeClient:
         started = time.perf_counter()
         model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
         self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
+        self.prompt_format = resolve_prompt_format(config.prompt_format, self.tokenizer)
         self.model_hash = base_weights_hash(self.model)
         logger.info("model %s loaded in %.1fs on %s (base hash %s)", config.model,
                     time.perf_counter() - started, self.device, self.model_hash)
@@ -192,7 +196,8 @@ class EdgeClient:
                               copies_dir=str(copies_dir))
         if self.engine_cls is not None:
             self.engine = self.engine_cls(self.model, space)
-            self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len)
+            self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len,
+                                      prompt_format=self.prompt_format)
             seed = zlib.crc32(self.config.client_id.encode())
             self._batches = BatchStream(self._examples, federation.batch_size, seed=seed,
                                         pad_token_id=self.tokenizer.pad_token_id or 0)

@@ -284,6 +284,19 @@ def _require_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> None:
         )
 
 
+def resolve_prompt_format(requested: str, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+    """``"auto"`` means the chat template when the tokenizer has one (instruction-tuned
+    models expect it), else the plain format; other values are checked and returned.
+
+    Every client of a federation loads the same model (its hash is checked), hence the
+    same tokenizer, so "auto" resolves the same way on all of them.
+    """
+    if requested == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    _check_prompt_format(requested)
+    return requested  # type: ignore[return-value]
+
+
 def _check_prompt_format(prompt_format: str) -> None:
     if prompt_format not in ("plain", "chat"):
         raise ValueError(f"prompt_format must be 'plain' or 'chat', not {prompt_format!r}")

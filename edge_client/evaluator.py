@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
-from edge_client.data import DataError
+from edge_client.data import DataError, resolve_prompt_format
 from edge_client.evaluate import EvalResult, evaluate, load_eval_records
 from edge_client.model import DEFAULT_MODEL, ModelLoadError, load_model, resolve_model
 from protocol.messages import OBSERVER_MODE
@@ -49,7 +49,8 @@ class Evaluator:
     """
 
     def __init__(self, records: list[Any], metrics_path: Path | None, *, max_seq_len: int = 256,
-                 generate_every: int = 0, max_new_tokens: int = 24, batch_size: int = 8) -> None:
+                 generate_every: int = 0, max_new_tokens: int = 24, batch_size: int = 8,
+                 prompt_format: str = "auto") -> None:
         if generate_every < 0:
             raise ValueError("generate_every must be >= 0")
         self.records = records
@@ -58,6 +59,7 @@ class Evaluator:
         self.generate_every = generate_every
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.prompt_format = prompt_format
         self.evaluated: dict[int, dict[str, Any]] = {}
 
     def score(self, model: Any, tokenizer: Any, round_number: int, *, generate: bool,
@@ -65,7 +67,8 @@ class Evaluator:
         """Evaluate now and record the result under ``round_number``."""
         result: EvalResult = evaluate(model, tokenizer, self.records, max_seq_len=self.max_seq_len,
                                       batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                                      generate=generate)
+                                      generate=generate,
+                                      prompt_format=resolve_prompt_format(self.prompt_format, tokenizer))
         entry = {
             "round": round_number,
             "eval_loss": result.loss,
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate-every", type=int, default=0,
                         help="decode every N rounds (0: first evaluation and the end only)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
+                        help="must match the clients' (auto = the model's chat template if it has one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--log-level", default="INFO")
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         records = load_eval_records(args.heldout, limit=args.limit)
         evaluator = Evaluator(records, args.metrics, max_seq_len=args.max_seq_len,
                               generate_every=args.generate_every, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, prompt_format=args.prompt_format)
         if args.url is None:
             model, tokenizer = load_model(resolve_model(args.model, cache_dir=Path(args.cache_dir) if args.cache_dir else None))
             entry = evaluator.score(model, tokenizer, 0, generate=True)

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", type=int, default=64, help="held-out evaluation records (0: no evaluation)")
     parser.add_argument("--generate-every", type=int, default=0,
                         help="also decode (Rouge-L, exact match) every N rounds; 0: before and after only")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
+                        help="prompt layout for every client and the evaluator")
     parser.add_argument("--scope", default="full", choices=["full", "lora"])
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--seed-pool-size", type=int, default=256)
     parser.add_argument("--rebase-every", type=int, default=4)
+    parser.add_argument("--pool-key", type=int, default=1,
+                        help="seed-pool key; fixed so that a run is reproducible (-1: random)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>")
     parser.add_argument("--threads-per-client", type=int, default=1)
     return parser
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
             "--learning-rate", str(args.learning_rate), "--epsilon", str(args.epsilon),
             "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
+            *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
             "--clients-per-round", str(args.clients), "--quorum", str(max(1, (args.clients + 1) // 2)),
             "--min-clients", str(args.clients), "--deadline-s", "900", "--commit-wait-s", "30",
             "--status-file", str(run_dir / "status.json"),
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluator = start("evaluator", [
                 sys.executable, "-m", "edge_client.evaluator", "--url", url, "--heldout", str(heldout),
                 "--metrics", str(metrics_path), "--model", str(model_dir),
-                "--generate-every", str(args.generate_every),
+                "--generate-every", str(args.generate_every), "--prompt-format", args.prompt_format,
             ], run_dir, env)
             processes.append(evaluator)
             if not wait_until(lambda: bool(read_metrics(metrics_path)), 900, lambda: evaluator.popen.poll() is not None):
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(start(f"client-{index}", [
                 sys.executable, "-m", "edge_client.cli", "--url", url,
                 "--client-id", f"client-{index}", "--data", str(data_path), "--model", str(model_dir),
-                "--memory-budget", str(budget),
+                "--memory-budget", str(budget), "--prompt-format", args.prompt_format,
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
         status = follow(processes, port, args.rounds, metrics_path)

@@ -119,3 +119,21 @@ def test_bad_config_names_the_key(tmp_path, text, message):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_pool_key_is_optional_checked_and_bound_to_the_ledger(tmp_path):
+    from coordinator.ledger import Ledger, LedgerError
+    from coordinator.server import Coordinator
+
+    assert load_config(None, {"model_hash": HASH}).pool_key is None
+    with pytest.raises(ConfigError, match="pool_key"):
+        load_config(None, {"model_hash": HASH, "pool_key": -1})
+    with pytest.raises(ConfigError, match="pool_key"):
+        load_config(None, {"model_hash": HASH, "pool_key": "7"})
+    path = tmp_path / "l.db"
+    with Ledger(path) as ledger:
+        assert Coordinator(load_config(None, {"model_hash": HASH, "pool_key": 7}), ledger).pool_key == 7
+    with Ledger(path) as ledger:  # restarting without a key keeps the stored one
+        assert Coordinator(load_config(None, {"model_hash": HASH}), ledger).pool_key == 7
+        with pytest.raises(LedgerError, match="pool_key"):
+            Coordinator(load_config(None, {"model_hash": HASH, "pool_key": 8}), ledger)
