@@ -46,11 +46,13 @@ class Evaluator:
             (0: only at the first evaluation and at the end).
         max_new_tokens: greedy decoding length.
         batch_size: evaluation batch size.
+        prompt_format: as the clients' ("auto", "plain" or "chat").
+        loss_only: never decode (no Rouge-L / exact match): much faster.
     """
 
     def __init__(self, records: list[Any], metrics_path: Path | None, *, max_seq_len: int = 256,
                  generate_every: int = 0, max_new_tokens: int = 24, batch_size: int = 8,
-                 prompt_format: str = "auto") -> None:
+                 prompt_format: str = "auto", loss_only: bool = False) -> None:
         if generate_every < 0:
             raise ValueError("generate_every must be >= 0")
         self.records = records
@@ -60,6 +62,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.prompt_format = prompt_format
+        self.loss_only = loss_only
         self.evaluated: dict[int, dict[str, Any]] = {}
 
     def score(self, model: Any, tokenizer: Any, round_number: int, *, generate: bool,
@@ -95,6 +98,8 @@ class Evaluator:
         return entry
 
     def wants_generation(self, round_number: int) -> bool:
+        if self.loss_only:
+            return False
         first = not self.evaluated
         return first or (self.generate_every > 0 and round_number % self.generate_every == 0)
 
@@ -113,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate-every", type=int, default=0,
                         help="decode every N rounds (0: first evaluation and the end only)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--loss-only", action="store_true", help="skip decoding (Rouge-L, exact match)")
     parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
                         help="must match the clients' (auto = the model's chat template if it has one)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -129,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         records = load_eval_records(args.heldout, limit=args.limit)
         evaluator = Evaluator(records, args.metrics, max_seq_len=args.max_seq_len,
                               generate_every=args.generate_every, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, prompt_format=args.prompt_format)
+                              batch_size=args.batch_size, prompt_format=args.prompt_format,
+                              loss_only=args.loss_only)
         if args.url is None:
             model, tokenizer = load_model(resolve_model(args.model, cache_dir=Path(args.cache_dir) if args.cache_dir else None))
-            entry = evaluator.score(model, tokenizer, 0, generate=True)
+            entry = evaluator.score(model, tokenizer, 0, generate=not args.loss_only)
             print(json.dumps(entry))
             return 0
         client = EdgeClient(ClientConfig(url=args.url, client_id=args.client_id, data_path=None, model=args.model,
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         final = client.sync.round if client.sync is not None else None
         if client.finished and final is not None:
             last = evaluator.evaluated.get(final)
-            if last is None or last["rouge_l"] is None:
+            if not evaluator.loss_only and (last is None or last["rouge_l"] is None):
                 evaluator.score(client.model, client.tokenizer, final, generate=True, extra={"final": True})
     except (ValueError, DataError, ModelLoadError, FatalClientError) as error:
         print(f"edgefed-eval: {error}", file=sys.stderr)

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", type=int, default=64, help="held-out evaluation records (0: no evaluation)")
     parser.add_argument("--generate-every", type=int, default=0,
                         help="also decode (Rouge-L, exact match) every N rounds; 0: before and after only")
+    parser.add_argument("--loss-only", action="store_true", help="evaluate held-out loss only (no decoding)")
     parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
                         help="prompt layout for every client and the evaluator")
     parser.add_argument("--scope", default="full", choices=["full", "lora"])
@@ -200,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable, "-m", "edge_client.evaluator", "--url", url, "--heldout", str(heldout),
                 "--metrics", str(metrics_path), "--model", str(model_dir),
                 "--generate-every", str(args.generate_every), "--prompt-format", args.prompt_format,
+                *(["--loss-only"] if args.loss_only else []),
             ], run_dir, env)
             processes.append(evaluator)
             if not wait_until(lambda: bool(read_metrics(metrics_path)), 900, lambda: evaluator.popen.poll() is not None):
                 print(evaluator.log_path.read_text()[-2000:], file=sys.stderr)
                 return 1
             base = read_metrics(metrics_path)[0]
-            print(f"  base model: eval loss {base['eval_loss']:.4f}, Rouge-L {base['rouge_l']:.4f}, "
-                  f"exact match {base['exact_match']:.3f}")
+            decoded = "" if base["rouge_l"] is None else (
+                f", Rouge-L {base['rouge_l']:.4f}, exact match {base['exact_match']:.3f}")
+            print(f"  base model: eval loss {base['eval_loss']:.4f}{decoded}")
         for index, data_path in enumerate(data_paths):
             budget = budgets[index % len(budgets)]
             processes.append(start(f"client-{index}", [
