@@ -24,8 +24,8 @@ pytestmark = [
 # that drop: enough to fail if training did nothing or went the wrong way (no learning,
 # a sign error in the coefficients, clients applying different models), with room for
 # the run-to-run noise of timing-dependent thread scheduling.
-MEASURED_BEFORE, MEASURED_AFTER = None, None
-REQUIRED_DROP = None
+MEASURED_BEFORE, MEASURED_AFTER = 2.9001, 2.8366  # per round: 2.8791, 2.8705, 2.8366
+REQUIRED_DROP = (MEASURED_BEFORE - MEASURED_AFTER) / 3
 
 
 def test_three_real_rounds_lower_the_held_out_loss(tmp_path):
