@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the base copy and round-start snapshot live")
     parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
                         help="prompt layout; auto = the model's chat template if it has one")
+    parser.add_argument("--on-bad-record", default="skip", choices=["skip", "raise"],
+                        help="a malformed data line: report it and skip it, or refuse the file")
     parser.add_argument("--instruction-field", default="instruction")
     parser.add_argument("--response-field", default="response")
     parser.add_argument("--log-level", default="INFO")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                               mode=args.mode, device=args.device, memory_budget_bytes=budget,
                               cache_dir=args.cache_dir, copies=args.copies,
                               instruction_field=args.instruction_field, response_field=args.response_field,
-                              prompt_format=args.prompt_format)
+                              prompt_format=args.prompt_format, on_bad_record=args.on_bad_record)
         client = EdgeClient(config)
         client.prepare()
         asyncio.run(client.run())

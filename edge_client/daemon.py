@@ -102,6 +102,7 @@ class ClientConfig:
         instruction_field, response_field: JSONL field names.
         prompt_format: "plain", "chat" (the tokenizer's chat template) or "auto" (chat when
             the tokenizer has a template). Every client of a federation must use the same.
+        on_bad_record: "skip" (report each bad line and go on) or "raise" (refuse the file).
     """
 
     url: str
@@ -118,10 +119,13 @@ class ClientConfig:
     instruction_field: str = "instruction"
     response_field: str = "response"
     prompt_format: str = "auto"
+    on_bad_record: str = "skip"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
             raise ValueError(f"url must start with ws:// or wss://, got {self.url!r}")
+        if self.on_bad_record not in ("skip", "raise"):
+            raise ValueError(f"on_bad_record must be skip or raise, got {self.on_bad_record!r}")
         if self.copies not in ("auto", "memory", "file"):
             raise ValueError(f"copies must be auto, memory or file, got {self.copies!r}")
         if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
@@ -162,7 +166,8 @@ class EdgeClient:
             if config.data_path is None:
                 raise ValueError("a training client needs a data file")
             records, problems = load_jsonl(config.data_path, instruction_field=config.instruction_field,
-                                           response_field=config.response_field)
+                                           response_field=config.response_field,
+                                           on_error=config.on_bad_record)  # type: ignore[arg-type]
             self._records = records
             if problems:
                 logger.warning("%s: %d bad records skipped (first: %s)", config.data_path, len(problems),
