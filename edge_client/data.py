@@ -109,11 +109,7 @@ def load_jsonl(
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
     path_str = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
-    except OSError as e:
-        raise DataError(f"cannot read data file {path_str!r}: {e.strerror or e}") from e
+    raw_lines = read_raw_lines(path, "data file")
 
     records: list[Record] = []
     problems: list[str] = []
@@ -295,6 +291,19 @@ def resolve_prompt_format(requested: str, tokenizer: PreTrainedTokenizerBase) ->
         return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     _check_prompt_format(requested)
     return requested  # type: ignore[return-value]
+
+
+def read_raw_lines(path: str | os.PathLike[str], what: str) -> list[bytes]:
+    """A JSONL file's lines as bytes (decoded per line, so a bad byte names its line).
+
+    Raises:
+        DataError: the file cannot be read; the message names ``what`` and the path.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from e
 
 
 def _check_prompt_format(prompt_format: str) -> None:

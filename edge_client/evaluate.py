@@ -35,6 +35,7 @@ from edge_client.data import (
     collate,
     prompt_adds_special_tokens,
     prompt_text,
+    read_raw_lines,
     tokenize,
 )
 from edge_client.loss import causal_lm_loss
@@ -269,11 +270,7 @@ def load_eval_records(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be non-negative, got {limit}")
     path_str = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
-    except OSError as e:
-        raise DataError(f"cannot read evaluation file {path_str!r}: {e.strerror or e}") from e
+    raw_lines = read_raw_lines(path, "evaluation file")
 
     records: list[EvalRecord] = []
     for line_no, raw in enumerate(raw_lines, start=1):
