@@ -19,6 +19,10 @@ Example (every key optional except where noted)::
     local_steps = 10
     batch_size = 4
     max_seq_len = 128
+    aggregation = "trimmed_mean"      # or "median", "mean" (PROTOCOL.md §8.2)
+    aggregation_trim = 0.2            # fraction cut from each end by trimmed_mean, [0, 0.5)
+    aggregation_clip = 1000.0         # bound on |projected gradient|, (0, 1e30]
+    aggregation_max_examples = 10000  # cap on an update's num_examples weight, [1, 10**9]
 
     [rounds]
     clients_per_round = 3
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.aggregate import AggregationRule, RuleError
 from protocol import limits
 
 __all__ = ["ConfigError", "FederationConfig", "load_config"]
@@ -70,7 +75,11 @@ class FederationConfig:
         rebase_every: every this many rounds the model is defined from theta_0 and the
             seed table (PROTOCOL.md §6); bounds catch-up to one table plus this many rounds.
         perturbation: "rademacher" (bit-exact) or "gaussian".
-        aggregation: how per-seed scalars are combined ("mean").
+        aggregation: how per-seed scalars are combined: "trimmed_mean", "median" or "mean"
+            (PROTOCOL.md §8.2).
+        aggregation_trim: fraction of the values cut from each end by "trimmed_mean".
+        aggregation_clip: bound on |projected gradient| before combining.
+        aggregation_max_examples: cap on an update's num_examples weight.
         learning_rate, epsilon: the MeZO step size and perturbation scale.
         local_steps: seeds per round (each client takes one step per seed).
         batch_size, max_seq_len: the clients' batch shape.
@@ -96,7 +105,10 @@ class FederationConfig:
     pool_key: int | None = None
     rebase_every: int = 8
     perturbation: str = "rademacher"
-    aggregation: str = "mean"
+    aggregation: str = "trimmed_mean"
+    aggregation_trim: float = 0.2
+    aggregation_clip: float = 1000.0
+    aggregation_max_examples: int = 10_000
     learning_rate: float = 1e-6
     epsilon: float = 1e-3
     local_steps: int = 10
@@ -124,8 +136,10 @@ class FederationConfig:
             raise bad("scope", "must be 'full' or 'lora'")
         if self.perturbation not in ("rademacher", "gaussian"):
             raise bad("perturbation", "must be 'rademacher' or 'gaussian'")
-        if self.aggregation not in ("mean",):
-            raise bad("aggregation", "must be 'mean'")
+        try:
+            self.aggregation_rule  # builds, so validates, the rule
+        except RuleError as error:
+            raise bad(_RULE_FIELDS[error.parameter], error.why) from None
         if not 1 <= self.seed_pool_size <= limits.MAX_TABLE_ENTRIES:
             # A bounded pool bounds the seed table, hence catch-up and sync frames.
             raise bad("seed_pool_size", f"must be between 1 and {limits.MAX_TABLE_ENTRIES}")
@@ -163,6 +177,12 @@ class FederationConfig:
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port")
 
+    @property
+    def aggregation_rule(self) -> AggregationRule:
+        """The rule the aggregation settings describe (coordinator/aggregate.py)."""
+        return AggregationRule(method=self.aggregation, trim_fraction=self.aggregation_trim,
+                               clip=self.aggregation_clip, max_examples=self.aggregation_max_examples)
+
     def identity(self) -> dict[str, str]:
         """The settings a ledger is bound to: changing them under an existing ledger is refused."""
         return {
@@ -176,6 +196,12 @@ class FederationConfig:
         }
 
 
+# AggregationRule parameter -> the FederationConfig field that sets it
+_RULE_FIELDS: dict[str, str] = {
+    "method": "aggregation", "trim_fraction": "aggregation_trim", "clip": "aggregation_clip",
+    "max_examples": "aggregation_max_examples",
+}
+
 # TOML table -> {toml key: dataclass field}
 _TOML_KEYS: dict[str, dict[str, str]] = {
     "federation": {"id": "federation_id", "rounds": "rounds", "ledger": "ledger_path"},
@@ -184,7 +210,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "scope": "scope", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
         "lora_targets": "lora_targets", "lora_init_seed": "lora_init_seed",
         "seed_pool_size": "seed_pool_size", "pool_key": "pool_key", "rebase_every": "rebase_every",
-        "perturbation": "perturbation", "aggregation": "aggregation",
+        "perturbation": "perturbation", "aggregation": "aggregation", "aggregation_trim": "aggregation_trim",
+        "aggregation_clip": "aggregation_clip", "aggregation_max_examples": "aggregation_max_examples",
         "learning_rate": "learning_rate", "epsilon": "epsilon", "local_steps": "local_steps",
         "batch_size": "batch_size", "max_seq_len": "max_seq_len",
     },

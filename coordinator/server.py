@@ -74,6 +74,7 @@ class ClientSession:
     device: DeviceProfile
     mode: str
     round: int  # the last round this client holds (reported by fingerprint or hello)
+    plan: str | None = None  # the client's own account of its mode, batch and memory
     connected_at: float = field(default_factory=time.time)
     busy_round: int | None = None  # round it is training, until its update arrives
     fingerprint: str | None = None
@@ -265,7 +266,7 @@ class Coordinator:
                 return False
         updates = [machine.updates[cid] for cid in sorted(machine.updates)]
         try:
-            coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation)
+            coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation_rule)
         except TableError as error:
             logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
             self._release(chosen)
@@ -385,7 +386,8 @@ class Coordinator:
         session: ClientSession | None = None
         try:
             await self._send(connection, Challenge(protocol_version=limits.PROTOCOL_VERSION, server_nonce=nonce,
-                                                   federation_id=self.config.federation_id))
+                                                   federation_id=self.config.federation_id,
+                                                   federation=self.federation))
             try:
                 hello = await self._receive(connection, HANDSHAKE_TIMEOUT_S)
             except TimeoutError:
@@ -419,6 +421,10 @@ class Coordinator:
         await connection.close(1002, "unsupported version")
 
     async def _admit(self, connection: ServerConnection, hello: Message) -> ClientSession | None:
+        if isinstance(hello, Goodbye):  # e.g. the task does not fit the client's memory
+            logger.info("peer %s declined to join: %s", connection.remote_address, hello.reason)
+            await connection.close(1000, "goodbye")
+            return None
         if not isinstance(hello, Hello):
             await self._send(connection, Reject(code="bad_hello", message=f"expected hello, got {hello.TYPE}",
                                                 supported_versions=(limits.PROTOCOL_VERSION,)))
@@ -446,11 +452,12 @@ class Coordinator:
         await self._send(connection, Welcome(client_id=hello.client_id, federation=self.federation,
                                              last_committed_round=last))
         # Not ready (round -1) until it reports a fingerprint: hello.last_round is only a claim.
-        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1)
+        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1, plan=hello.plan)
         self.sessions[hello.client_id] = session
         self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
-        logger.info("client %s joined (%s, mode %s, holds round %d of %d)", hello.client_id,
-                    hello.device.device_type, hello.mode, hello.last_round, last)
+        logger.info("client %s joined (%s, mode %s, holds round %d of %d)%s", hello.client_id,
+                    hello.device.device_type, hello.mode, hello.last_round, last,
+                    f": {hello.plan}" if hello.plan else "")
         if self.ledger.last_round() != last:  # a round committed while we welcomed it
             await self._send_safely(session, self._sync_response(hello.last_round))
         self._poke()
@@ -538,7 +545,8 @@ class Coordinator:
             else {"round": machine.round, "attempt": machine.attempt, "assigned": sorted(machine.assigned),
                   "received": sorted(machine.updates)},
             "clients": [
-                {"client_id": s.client_id, "mode": s.mode, "device": asdict(s.device), "round": s.round,
+                {"client_id": s.client_id, "mode": s.mode, "plan": s.plan, "device": asdict(s.device),
+                 "round": s.round,
                  "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
                  "bytes_received": s.bytes_received, "rounds_participated": s.rounds_participated,

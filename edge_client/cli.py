@@ -9,7 +9,7 @@ import sys
 
 from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
 from edge_client.data import DataError
-from edge_client.device import parse_bytes
+from edge_client.device import detect_device, parse_bytes, parse_headroom
 from edge_client.engines.registry import UnknownModeError
 from edge_client.model import DEFAULT_MODEL, ModelLoadError
 
@@ -22,9 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-model-hash", action="store_true",
                         help="print the base-weights hash of --model (for the federation config) and exit")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, .gguf file or HF model directory")
-    parser.add_argument("--mode", default="mezo", help="training mode")
+    parser.add_argument("--mode", default="auto",
+                        help="auto (the best mode that fits the memory budget), a mode to force, "
+                             "or observe")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--memory-budget", default=None, help="memory budget, e.g. 6GiB")
+    parser.add_argument("--memory-budget", default=None,
+                        help="memory training may use, e.g. 6GiB (default: the device's free memory)")
+    parser.add_argument("--memory-headroom", default="10%",
+                        help="share of the budget kept free of the estimated peak (default 10%%)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the device, its budget and the mode and batch this client would choose "
+                             "for --batch/--seq-len/--scope, then exit (loads no weights)")
+    parser.add_argument("--batch", type=int, default=8, help="with --plan: examples per step (default 8)")
+    parser.add_argument("--seq-len", type=int, default=256, help="with --plan: tokens per example (default 256)")
+    parser.add_argument("--scope", default="full", choices=["full", "lora"], help="with --plan: trained parameters")
     parser.add_argument("--cache-dir", default=None, help="model cache (default $EDGEFED_CACHE or ~/.cache/edgefed)")
     parser.add_argument("--copies", default="auto", choices=["auto", "memory", "file"],
                         help="where the base copy and round-start snapshot live")
@@ -43,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.print_model_hash:
         return _print_model_hash(args.model, args.cache_dir)
+    if args.plan:
+        return _print_plan(args)
     if not args.client_id or not args.data:
         parser.error("--client-id and --data are required")
     logging.basicConfig(level=args.log_level.upper(),
@@ -52,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
         config = ClientConfig(url=args.url, client_id=args.client_id, data_path=args.data, model=args.model,
                               mode=args.mode, device=args.device, memory_budget_bytes=budget,
+                              memory_headroom=parse_headroom(args.memory_headroom),
                               cache_dir=args.cache_dir, copies=args.copies,
                               instruction_field=args.instruction_field, response_field=args.response_field,
                               prompt_format=args.prompt_format, on_bad_record=args.on_bad_record)
@@ -63,6 +77,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _print_plan(args: argparse.Namespace) -> int:
+    """``--plan``: what this device offers and what the chooser would run on it."""
+    import json
+    from pathlib import Path
+
+    from edge_client.engines import available_engines
+    from edge_client.model import resolve_model
+    from profiles.chooser import ModeUnavailable, NoModeFits, TrainingTask, choose
+    from profiles.estimator import ModelShape
+
+    try:
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+        report = detect_device(args.device, memory_budget_bytes=budget,
+                               headroom=parse_headroom(args.memory_headroom))
+        model_dir = resolve_model(args.model, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+        config_file = Path(model_dir) / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{model_dir}: no config.json to read the model's shape from")
+        shape = ModelShape.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+        task = TrainingTask(scope=args.scope, batch_size=args.batch, max_seq_len=args.seq_len)
+        print(report.describe())
+        forced = None if args.mode == "auto" else args.mode
+        choice = choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
+                        available=available_engines(), forced=forced, budget_source=report.budget_source)
+    except (ValueError, ModelLoadError, NoModeFits, ModeUnavailable) as error:
+        print(f"edgefed-client: {error}", file=sys.stderr)
+        return 2
+    print(f"plan: {choice.explanation}")
+    if choice.estimate is not None:
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in choice.estimate.breakdown.items() if v)
+        print(f"  estimated peak by part (GiB): {parts}")
     return 0
 
 

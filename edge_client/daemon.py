@@ -37,11 +37,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
-from edge_client.device import detect_device
-from edge_client.engines import Engine, RoundPlan, get_engine
+from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
+from edge_client.engines import Engine, RoundPlan, available_engines, get_engine
 from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
+from profiles.chooser import Choice, ModeUnavailable, NoModeFits, TrainingTask, choose
+from profiles.estimator import ModelShape, lora_param_count
 from protocol import codec, limits
 from protocol.errors import MalformedFrame, PeerProtocolError, VersionMismatch
 from protocol.messages import (
@@ -91,10 +93,13 @@ class ClientConfig:
         data_path: JSONL file of instruction/response records (stays on the device);
             None for an observer.
         model: model source (builtin name, .gguf file or HF directory).
-        mode: training mode (engine name), or "observe": follow the ledger without
-            training (an evaluator), never given tasks.
+        mode: "auto" (the chooser picks the best mode that fits the memory budget,
+            profiles/chooser.py), a training mode (engine name) to force, or "observe":
+            follow the ledger without training (an evaluator), never given tasks.
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
-        memory_budget_bytes: a user-set memory budget, reported to the coordinator.
+        memory_budget_bytes: a user-set memory budget (wins over the detected free
+            memory), reported to the coordinator.
+        memory_headroom: fraction of the budget kept free of the estimated peak.
         cache_dir: model conversion cache (None: the default).
         copies: where the base copy and round-start snapshot live ("auto": a file for CPU
             clients, host memory for accelerator clients; "memory"; "file").
@@ -109,9 +114,10 @@ class ClientConfig:
     client_id: str
     data_path: str | None
     model: str = "smollm2-135m"
-    mode: str = "mezo"
+    mode: str = "auto"
     device: str = "auto"
     memory_budget_bytes: int | None = None
+    memory_headroom: float = DEFAULT_HEADROOM
     cache_dir: str | None = None
     copies: str = "auto"
     initial_backoff_s: float = 0.5
@@ -130,6 +136,10 @@ class ClientConfig:
             raise ValueError(f"copies must be auto, memory or file, got {self.copies!r}")
         if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
             raise ValueError("need 0 < initial_backoff_s <= max_backoff_s")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
+            raise ValueError(f"memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
+        if not 0.0 <= self.memory_headroom <= 0.9:
+            raise ValueError(f"memory_headroom must be between 0 and 0.9, got {self.memory_headroom}")
 
 
 class EdgeClient:
@@ -138,7 +148,11 @@ class EdgeClient:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.observer = config.mode == OBSERVER_MODE
-        self.engine_cls = None if self.observer else get_engine(config.mode)
+        if not self.observer and config.mode != "auto":
+            get_engine(config.mode)  # an unknown mode fails here, before anything loads
+        # The engine class is chosen once the federation's task is known (the challenge).
+        self.engine_cls: type[Engine] | None = None
+        self.choice: Choice | None = None
         # Called in a worker thread each time the model reaches a new ledger round
         # (after its fingerprint is sent): the evaluator's hook.
         self.on_round: Callable[[int], None] | None = None
@@ -172,10 +186,15 @@ class EdgeClient:
             if problems:
                 logger.warning("%s: %d bad records skipped (first: %s)", config.data_path, len(problems),
                                problems[0])
-        self.device, self.profile = detect_device(config.device, memory_budget_bytes=config.memory_budget_bytes)
+        self.report: DeviceReport = detect_device(config.device, memory_budget_bytes=config.memory_budget_bytes,
+                                                  headroom=config.memory_headroom)
+        self.device, self.profile = self.report.torch_device, self.report.profile()
+        logger.info("%s", self.report.describe())
         started = time.perf_counter()
         model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
         self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
+        self.shape = ModelShape.from_hf_config(self.model.config.to_dict(),
+                                               num_parameters=self.model.num_parameters())
         self.prompt_format = resolve_prompt_format(config.prompt_format, self.tokenizer)
         self.model_hash = base_weights_hash(self.model)
         logger.info("model %s loaded in %.1fs on %s (base hash %s)", config.model,
@@ -191,16 +210,16 @@ class EdgeClient:
                             lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
                             lora_init_seed=federation.scope.lora_init_seed)
         self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
-        where = self.config.copies
-        if where == "auto":
-            where = "file" if self.device.type == "cpu" and scope.kind == "full" else "memory"
+        where = self._copies_where(scope.kind)
         copies_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
         copies_dir = copies_dir / "copies"  # on disk: /tmp is often RAM (tmpfs)
         copies_dir.mkdir(parents=True, exist_ok=True)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
                               copies_dir=str(copies_dir))
         if self.engine_cls is not None:
-            self.engine = self.engine_cls(self.model, space)
+            assert self.choice is not None
+            self.engine = self.engine_cls(self.model, space,
+                                          self.engine_cls.config_cls(micro_batch=self.choice.batch))
             self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len,
                                       prompt_format=self.prompt_format)
             seed = zlib.crc32(self.config.client_id.encode())
@@ -209,6 +228,38 @@ class EdgeClient:
         self.federation = federation
         logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
                     federation.federation_id, scope.kind, space.numel, len(self._examples))
+
+    def _copies_where(self, scope_kind: str) -> str:
+        where = self.config.copies
+        if where == "auto":
+            where = "file" if self.device.type == "cpu" and scope_kind == "full" else "memory"
+        return where
+
+    def plan(self, federation: FederationInfo) -> Choice:
+        """Choose the mode and batch for the federation's task (profiles/chooser.py).
+
+        Raises:
+            FatalClientError: nothing fits the memory budget, or the forced mode does not
+                fit or is not available; the message names the estimate and the budget.
+        """
+        scope = federation.scope
+        task = TrainingTask(scope=scope.kind, batch_size=federation.batch_size,
+                            max_seq_len=federation.max_seq_len, lora_rank=scope.lora_rank or 8)
+        # The base copy and the round-start snapshot share the training device's pool
+        # when they are kept in host memory on a CPU or unified-memory device.
+        extra = {}
+        if self._copies_where(scope.kind) == "memory" and self.report.kind in ("cpu", "mps"):
+            trainable = (self.shape.param_count if scope.kind == "full"
+                         else lora_param_count(self.shape, task.lora_rank))
+            copies = 1 + (federation.rebase_every > 1)
+            extra["round_copies"] = copies * trainable * 4
+        forced = None if self.config.mode == "auto" else self.config.mode
+        try:
+            return choose(self.shape, task, budget_bytes=self.report.budget_bytes, headroom=self.report.headroom,
+                          available=available_engines(), forced=forced, budget_source=self.report.budget_source,
+                          extra=extra)
+        except (NoModeFits, ModeUnavailable) as error:
+            raise FatalClientError(str(error)) from None
 
     # -- running ----------------------------------------------------------------------
 
@@ -295,12 +346,22 @@ class EdgeClient:
             codec.check_version(challenge.protocol_version)
         except VersionMismatch as error:
             raise FatalClientError(f"the coordinator speaks another protocol: {error}") from None
+        if not self.observer and self.choice is None:
+            try:
+                self.choice = self.plan(challenge.federation)
+            except FatalClientError as error:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send(connection, Goodbye(reason=str(error)[:limits.MAX_STRING_CHARS]))
+                raise
+            self.engine_cls = get_engine(self.choice.mode)
+            logger.info("plan: %s", self.choice.explanation)
         sync = self.sync
         await self._send(connection, Hello(
             protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
             mode=OBSERVER_MODE if self.engine_cls is None else self.engine_cls.name, model_hash=self.model_hash,
             last_round=sync.round if sync is not None else 0,
-            table_digest=sync.table_digest() if sync is not None else None, public_key=None, signature=None,
+            table_digest=sync.table_digest() if sync is not None else None,
+            plan=self.choice.explanation if self.choice is not None else None, public_key=None, signature=None,
         ))
         reply = await self._recv(connection)
         if isinstance(reply, Reject):
@@ -361,7 +422,8 @@ class EdgeClient:
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)
-        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.config.mode)
+        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.engine_cls.name
+                    if self.engine_cls is not None else "-")
 
         def progress(done: int, total: int, loss: float) -> None:
             if self.stopping:

@@ -101,3 +101,36 @@ def _unwrap(model: nn.Module) -> nn.Module:
             "prompt-learning peft adapters (prefix/prompt tuning) are not supported; use LoRA"
         )
     return get_base_model()
+
+
+def micro_batched_loss(
+    model: nn.Module, batch: Batch, *, micro_batch: int, chunk_tokens: int = 1024
+) -> tuple[float, int]:
+    """:func:`causal_lm_loss` of ``batch`` computed ``micro_batch`` rows at a time.
+
+    The same quantity (the mean over every counted token of the batch), with the peak
+    memory of a ``micro_batch``-row forward: per-slice sums are added in float64 and
+    divided by the total count once. Slices without a counted token are skipped.
+
+    Raises:
+        ValueError: ``micro_batch`` < 1, or the batch has no counted label.
+    """
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+    rows = batch.input_ids.shape[0]
+    if micro_batch >= rows:
+        return causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+    total, count = 0.0, 0
+    for start in range(0, rows, micro_batch):
+        part = Batch(input_ids=batch.input_ids[start : start + micro_batch],
+                     attention_mask=batch.attention_mask[start : start + micro_batch],
+                     labels=batch.labels[start : start + micro_batch])
+        if not bool((part.labels[:, 1:] != IGNORE_INDEX).any()):
+            continue
+        mean, n_tokens = causal_lm_loss(model, part, chunk_tokens=chunk_tokens)
+        total += mean * n_tokens
+        count += n_tokens
+    if count == 0:
+        raise ValueError("the batch has no response tokens to compute a loss on")
+    return total / count, count
+

@@ -738,12 +738,15 @@ class RoundEntry(_Record):
 @_schema
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Challenge(_Record):
-    """Coordinator -> client, first frame: version and a nonce the hello signs.
+    """Coordinator -> client, first frame: version, a nonce the hello signs, and the task.
 
     Attributes:
         protocol_version: the coordinator's ``(major, minor)``.
         server_nonce: 16 to 64 random bytes.
         federation_id: the federation this endpoint serves.
+        federation: the federation's parameters, announced before the hello so that a
+            client can choose its training mode and batch for this task (and say so in
+            its hello) or decline; ``federation.federation_id == federation_id``.
     """
 
     TYPE: ClassVar[str] = "challenge"
@@ -751,6 +754,11 @@ class Challenge(_Record):
     protocol_version: VersionField
     server_nonce: Annotated[bytes, BytesKind(MIN_SERVER_NONCE_BYTES, MAX_SERVER_NONCE_BYTES)]
     federation_id: IdField
+    federation: Annotated[FederationInfo, RecordKind(FederationInfo)]
+
+    def _check(self, path: str) -> None:
+        if self.federation.federation_id != self.federation_id:
+            raise InvalidMessage(f"{path}.federation.federation_id", "must equal federation_id")
 
 
 @_schema
@@ -988,6 +996,8 @@ class Hello(_Record):
         model_hash: SHA-256 (hex) of the client's base model weights.
         last_round: the round the client's replica is at (0 if fresh).
         table_digest: digest of the client's table, or None without a replica.
+        plan: one readable line saying how the client will train and why (mode, batch,
+            estimated peak against its memory budget), or None.
         public_key: the client's Ed25519 public key (32 bytes), or None.
         signature: Ed25519 signature over the challenge (64 bytes), or None.
     """
@@ -1001,6 +1011,7 @@ class Hello(_Record):
     model_hash: DigestField
     last_round: RoundField
     table_digest: Annotated[str | None, OptionalKind(HEX_DIGEST)]
+    plan: Annotated[str | None, OptionalKind(TEXT)]
     public_key: Annotated[
         bytes | None, OptionalKind(BytesKind(PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES))
     ]

@@ -49,3 +49,32 @@ def test_bad_arguments_give_one_clear_line(tmp_path, tiny, args, message):
     result = run_client(*[item for pair in base.items() for item in pair])
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_prints_the_device_budget_and_choice(tiny):
+    result = run_client("--plan", "--model", str(tiny), "--device", "cpu", "--memory-budget", "3GiB",
+                        "--memory-headroom", "20%", "--batch", "4", "--seq-len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "budget: 3.00 GiB (set by the user), headroom 20%, usable 2.40 GiB" in result.stdout
+    assert "plan: mezo (zeroth-order), batch 4/4 x 64 tokens" in result.stdout
+
+
+def test_plan_refuses_a_budget_nothing_fits_with_the_one_that_would(tiny):
+    result = run_client("--plan", "--model", str(tiny), "--device", "cpu", "--memory-budget", "1MiB")
+    assert result.returncode == 2
+    assert "no training mode fits" in result.stderr and "smallest budget that would work" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_forced_mode_that_does_not_fit_is_refused_before_training(tiny):
+    result = run_client("--plan", "--model", str(tiny), "--device", "cpu", "--memory-budget", "1MiB",
+                        "--mode", "mezo")
+    assert result.returncode == 2
+    assert "the forced mode mezo does not fit" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("headroom", ["95%", "-1", "lots"])
+def test_a_bad_headroom_is_one_clear_line(tiny, headroom):
+    result = run_client("--plan", "--model", str(tiny), "--memory-headroom", headroom)
+    assert result.returncode == 2 and "headroom" in result.stderr and "Traceback" not in result.stderr
+

@@ -21,7 +21,7 @@ DEVICE = DeviceProfile(device_type="cpu", device_name="test", accelerator_total_
 
 def hello(client_id="c1", version=(1, 0), model_hash=HASH):
     return Hello(protocol_version=version, client_id=client_id, device=DEVICE, mode="mezo", model_hash=model_hash,
-                 last_round=0, table_digest=None, public_key=None, signature=None)
+                 last_round=0, table_digest=None, plan=None, public_key=None, signature=None)
 
 
 async def with_coordinator(tmp_path, body, **overrides):

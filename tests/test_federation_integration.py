@@ -70,13 +70,13 @@ class Federation:
             time.sleep(0.1)
         self.port = int(self.port_file.read_text())
 
-    def start_client(self, name: str, data_offset: int) -> None:
+    def start_client(self, name: str, data_offset: int, budget: str | None = None) -> None:
         data = write_data(self.tmp / f"{name}.jsonl", data_offset)
         log = (self.tmp / f"{name}.log").open("a")
         self.clients[name] = subprocess.Popen(
             [sys.executable, "-m", "edge_client.cli", "--url", f"ws://127.0.0.1:{self.port}", "--client-id", name,
              "--data", str(data), "--model", str(self.model_dir), "--device", "cpu", "--copies", "memory",
-             "--memory-budget", f"{data_offset + 1}GiB"],
+             "--memory-budget", budget or f"{data_offset + 1}GiB"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
 
@@ -192,6 +192,11 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
     trainers = [c for c in status["clients"] if c["mode"] == "mezo"]
     budgets = sorted(c["device"]["memory_budget_bytes"] for c in trainers)
     assert budgets == [2 * 2**30, 4 * 2**30, 8 * 2**30]
+    # each trainer chose its mode and batch for the announced task and said why
+    for client in trainers:
+        budget = client["device"]["memory_budget_bytes"] / 2**30
+        assert client["plan"].startswith("mezo (zeroth-order), batch 4/4 x 200 tokens"), client["plan"]
+        assert f"{budget:.2f} GiB set by the user - 10% headroom" in client["plan"]
     # the evaluator (an observer) follows the same ledger: same fingerprint, never trained
     assert [c["mode"] for c in status["clients"] if c not in trainers] == ["observe"]
     assert len({c["fingerprint"] for c in status["clients"]}) == 1
@@ -229,3 +234,22 @@ def test_a_client_stops_cleanly_on_sigterm(tmp_path):
         assert fed.status()["clients"] == []
     finally:
         fed.stop()
+
+
+def test_a_client_whose_memory_is_too_small_declines_with_the_budget_it_needs(tmp_path):
+    fed = Federation(tmp_path, rounds=1, rebase_every=1)
+    try:
+        fed.start_coordinator(min_clients=5)
+        fed.start_client("small", 0, budget="2MiB")
+        assert fed.clients["small"].wait(120) == 2, fed.log("small")
+        log = fed.log("small")
+        assert "no training mode fits: mezo needs" in log and "The smallest budget that would work is" in log
+        assert "Traceback" not in log
+        deadline = time.time() + 10
+        while "declined to join: no training mode fits" not in fed.log("coordinator"):
+            assert time.time() < deadline, fed.log("coordinator")
+            time.sleep(0.1)
+        assert fed.status()["clients"] == []
+    finally:
+        fed.stop()
+

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from edge_client.data import Batch, BatchStream, Record, tokenize
-from edge_client.loss import causal_lm_loss
+from edge_client.loss import causal_lm_loss, micro_batched_loss
 from edge_client.model import load_model
 from edge_client.tiny import make_tiny_llama
 
@@ -133,3 +133,16 @@ def test_rejects_batch_without_targets(tiny_dir: Path, batches: list[Batch]) -> 
         causal_lm_loss(model, empty)
     with pytest.raises(ValueError, match="chunk_tokens"):
         causal_lm_loss(model, batch, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3, 8])
+def test_micro_batches_give_the_same_loss(tiny_dir: Path, batches: list[Batch], micro_batch: int) -> None:
+    model, _ = load_model(tiny_dir)
+    for batch in batches:
+        whole, n = causal_lm_loss(model, batch)
+        sliced, n_sliced = micro_batched_loss(model, batch, micro_batch=micro_batch)
+        assert n_sliced == n
+        assert math.isclose(sliced, whole, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch"):
+        micro_batched_loss(model, batches[0], micro_batch=0)
+

@@ -92,6 +92,7 @@ def federation() -> FederationInfo:
 def hello(**changes: Any) -> Hello:
     fields = dict(protocol_version=PROTOCOL_VERSION, client_id="laptop-7", device=device(),
                   mode="train", model_hash=DIGEST, last_round=12, table_digest=DIGEST2,
+                  plan="mezo (zeroth-order), batch 8/8 x 256 tokens: estimated peak 1.03 GiB",
                   public_key=bytes(range(32)), signature=bytes(range(64)))
     fields.update(changes)
     return Hello(**fields)
@@ -119,7 +120,7 @@ def sync_response() -> SyncResponse:
 
 ALL_MESSAGES = [
     Challenge(protocol_version=(1, 0), server_nonce=bytes(range(32)),
-              federation_id="smollm2-alpaca.v1"),
+              federation_id="smollm2-alpaca.v1", federation=federation()),
     Welcome(client_id="laptop-7", federation=federation(), last_committed_round=12),
     Reject(code="version", message="protocol 2.0 is not supported",
            supported_versions=((1, 0), (1, 1))),

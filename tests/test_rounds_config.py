@@ -106,6 +106,13 @@ def test_config_from_toml_with_overrides(tmp_path):
         (f'[model]\nhash = "{HASH}"\n[rounds]\nquorum = 5\nclients_per_round = 2\n', "quorum"),
         (f'[model]\nhash = "{HASH}"\n[training]\nseed_pool_size = 2\nlocal_steps = 3\n', "local_steps"),
         ('[federation]\nid = "x"\n', "model_hash: required"),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation = "avg"\n', "^aggregation: must be"),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation_trim = 0.5\n', "^aggregation_trim: .*0.5"),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation_clip = 0\n', "^aggregation_clip: "),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation_clip = "big"\n', "^aggregation_clip: expected a number"),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation_max_examples = 0\n', "^aggregation_max_examples: "),
+        (f'[model]\nhash = "{HASH}"\n[training]\naggregation_max_examples = 1.5\n',
+         "^aggregation_max_examples: expected an integer"),
         ("not toml = = 1", "fed.toml"),
     ],
 )
@@ -114,6 +121,19 @@ def test_bad_config_names_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_aggregation_defaults_to_the_robust_rule_and_reads_its_toml_keys(tmp_path):
+    from coordinator.aggregate import AggregationRule
+
+    default = load_config(None, {"model_hash": HASH})
+    assert (default.aggregation, default.aggregation_rule) == ("trimmed_mean", AggregationRule())
+    path = tmp_path / "fed.toml"
+    path.write_text(f'[model]\nhash = "{HASH}"\n[training]\naggregation = "median"\naggregation_trim = 0.1\n'
+                    'aggregation_clip = 50\naggregation_max_examples = 500\n')
+    config = load_config(path, {"aggregation_clip": 60.0})
+    assert config.aggregation_rule == AggregationRule("median", 0.1, 60.0, 500)
+    assert isinstance(config.aggregation_clip, float)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -42,21 +42,29 @@ class MeZOConfig:
             the logits buffer to chunk_tokens x vocabulary floats.
         probe_losses: measure the loss of the round's first batch before and after the
             local steps (two extra forward passes) for the update's loss_before/after.
+        micro_batch: rows per forward pass (the chooser's batch); the task's batch is
+            processed in slices of this many rows with the same loss. None: all at once.
     """
 
     chunk_tokens: int = 1024
     probe_losses: bool = True
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
 
 
-def _default_loss(chunk_tokens: int) -> LossFn:
-    from edge_client.loss import causal_lm_loss
+def _default_loss(chunk_tokens: int, micro_batch: int | None) -> LossFn:
+    from edge_client.loss import causal_lm_loss, micro_batched_loss
 
     def loss(model: torch.nn.Module, batch: Any) -> float:
-        value, _ = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+        if micro_batch is None:
+            value, _ = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+        else:
+            value, _ = micro_batched_loss(model, batch, micro_batch=micro_batch, chunk_tokens=chunk_tokens)
         return value
 
     return loss
@@ -71,7 +79,8 @@ class MeZOEngine(Engine):
     def __init__(self, model: torch.nn.Module, space: ParameterSpace, config: MeZOConfig | None = None,
                  *, loss_fn: LossFn | None = None) -> None:
         super().__init__(model, space, config)
-        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.config.chunk_tokens)
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.config.chunk_tokens,
+                                                                          self.config.micro_batch)
 
     def _loss(self, batch: Any) -> float:
         value = float(self.loss_fn(self.model, batch))
