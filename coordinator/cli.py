@@ -10,9 +10,11 @@ import signal
 import sys
 from pathlib import Path
 
+from coordinator.allowlist import AllowlistError, load_allowlist
 from coordinator.config import ConfigError, load_config
 from coordinator.ledger import Ledger, LedgerError
 from coordinator.server import Coordinator
+from coordinator.tls import TlsError, server_ssl_context
 
 # CLI flag -> FederationConfig field
 _OVERRIDES = {
@@ -20,7 +22,7 @@ _OVERRIDES = {
     "rebase_every": int, "pool_key": int, "perturbation": str, "learning_rate": float, "epsilon": float, "local_steps": int,
     "batch_size": int, "max_seq_len": int, "rounds": int, "clients_per_round": int, "quorum": int,
     "min_clients": int, "deadline_s": float, "commit_wait_s": float, "ledger_path": str, "host": str,
-    "port": int, "lora_rank": int, "lora_init_seed": int,
+    "port": int, "lora_rank": int, "lora_init_seed": int, "allowlist": str, "tls_cert": str, "tls_key": str,
 }
 
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in _OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             help=f"override {name}")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="serve plain ws:// even on a non-loopback host (not recommended)")
     parser.add_argument("--port-file", type=Path, help="write the listening port here once serving")
     parser.add_argument("--status-file", type=Path, help="write the final status JSON here on exit")
     parser.add_argument("--log-level", default="INFO")
@@ -56,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s coordinator %(levelname)s %(message)s")
     overrides = {name: getattr(args, name) for name in _OVERRIDES}
+    overrides["insecure"] = args.insecure
     try:
         config = load_config(args.config, overrides)
+        allowlist = load_allowlist(config.allowlist) if config.allowlist else None
+        ssl_context = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         with Ledger(config.ledger_path) as ledger:
-            coordinator = Coordinator(config, ledger)
+            coordinator = Coordinator(config, ledger, allowlist=allowlist, ssl_context=ssl_context)
             asyncio.run(_serve(coordinator, args.port_file, args.status_file))
-    except (ConfigError, LedgerError) as error:
+    except (ConfigError, LedgerError, AllowlistError, TlsError) as error:
         print(f"edgefed-coordinator: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -29,6 +29,14 @@ Example (every key optional except where noted)::
     quorum = 2
     deadline_s = 600
     min_clients = 3
+
+    [server]
+    host = "0.0.0.0"
+    port = 8765
+    allowlist = "allow.txt"     # client keys (edgefed-keys allow ...); absent = open mode
+    tls_cert = "certs/server.pem"   # wss://, required beyond loopback ...
+    tls_key = "certs/server.key"    # (edgefed-keys tls-init --dir certs --host ADDRESS)
+    insecure = false            # ... unless this is true
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregate import AggregationRule, RuleError
+from coordinator.tls import TlsError, check_transport
 from protocol import limits
 
 __all__ = ["ConfigError", "FederationConfig", "load_config"]
@@ -91,6 +100,10 @@ class FederationConfig:
         commit_wait_s: seconds to wait for fingerprints after a commit before the next round.
         ledger_path: the SQLite ledger file.
         host, port: where to listen.
+        allowlist: allow-list file of client public keys; None = open mode (anyone may
+            join, nothing is authenticated: local federations only).
+        tls_cert, tls_key: PEM certificate and key to serve wss://.
+        insecure: allow plain ws:// on a non-loopback host.
     """
 
     model_hash: str
@@ -123,6 +136,10 @@ class FederationConfig:
     ledger_path: str = "federation.db"
     host: str = "127.0.0.1"
     port: int = 8765
+    allowlist: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -176,6 +193,12 @@ class FederationConfig:
             raise bad("commit_wait_s", "must be >= 0")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise bad("tls_cert", "tls_cert and tls_key go together")
+        try:
+            check_transport(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
+        except TlsError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def aggregation_rule(self) -> AggregationRule:
@@ -219,7 +242,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "clients_per_round": "clients_per_round", "quorum": "quorum", "min_clients": "min_clients",
         "deadline_s": "deadline_s", "commit_wait_s": "commit_wait_s",
     },
-    "server": {"host": "host", "port": "port"},
+    "server": {"host": "host", "port": "port", "allowlist": "allowlist", "tls_cert": "tls_cert",
+               "tls_key": "tls_key", "insecure": "insecure"},
 }
 
 
@@ -234,8 +258,10 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
-    if expected == "str" and not isinstance(value, str):
+    if expected in ("str", "str | None") and not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if expected == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if name == "lora_targets":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of module names, got {value!r}")

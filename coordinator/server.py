@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from coordinator.aggregate import aggregate
+from coordinator.allowlist import (
+    OPEN_MODE_WARNING,
+    Allowlist,
+    IdentityRefused,
+    ReplayGuard,
+    verify_hello,
+    verify_update,
+)
 from coordinator.config import FederationConfig
 from coordinator.ledger import Contribution, Ledger, LedgerError
 from protocol import codec, limits
@@ -75,6 +84,8 @@ class ClientSession:
     mode: str
     round: int  # the last round this client holds (reported by fingerprint or hello)
     plan: str | None = None  # the client's own account of its mode, batch and memory
+    challenge: Challenge | None = None  # sent on this connection; signatures are bound to it
+    public_key: bytes | None = None  # proved by the hello (allow-list mode): updates must verify with it
     connected_at: float = field(default_factory=time.time)
     busy_round: int | None = None  # round it is training, until its update arrives
     fingerprint: str | None = None
@@ -95,7 +106,8 @@ class Coordinator:
         ledger: an open ledger; its identity meta is checked against ``config``.
     """
 
-    def __init__(self, config: FederationConfig, ledger: Ledger) -> None:
+    def __init__(self, config: FederationConfig, ledger: Ledger, *, allowlist: Allowlist | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.ledger = ledger
         for key, value in config.identity().items():
@@ -117,6 +129,10 @@ class Coordinator:
         self.started_at = time.time()
         self.finished = False
         self.final_status: dict[str, Any] | None = None
+        # None: open mode (any client, nothing authenticated), for local federations.
+        self.allowlist = allowlist
+        self.ssl_context = ssl_context
+        self.replay_guard = ReplayGuard(committed_round=ledger.last_round())
         self.federation = FederationInfo(
             federation_id=config.federation_id,
             model_name=config.model_name,
@@ -149,14 +165,19 @@ class Coordinator:
             self.config.port,
             process_request=self._process_request,
             max_size=limits.MAX_FRAME_BYTES,
+            ssl=self.ssl_context,
             ping_interval=20,
             ping_timeout=60,
         ) as server:
             self._server = server
             self.port = next(iter(server.sockets)).getsockname()[1]
-            logger.info("coordinator %s listening on ws://%s:%d (ledger %s, last round %d)",
-                        self.config.federation_id, self.config.host, self.port,
-                        self.config.ledger_path, self.ledger.last_round())
+            logger.info("coordinator %s listening on %s://%s:%d (ledger %s, last round %d)",
+                        self.config.federation_id, "wss" if self.ssl_context else "ws", self.config.host,
+                        self.port, self.config.ledger_path, self.ledger.last_round())
+            if self.allowlist is None:
+                logger.warning(OPEN_MODE_WARNING)
+            else:
+                logger.info("allow-list mode: %d client keys", len(self.allowlist))
             driver = asyncio.create_task(self._drive_rounds())
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait({driver, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -276,6 +297,7 @@ class Coordinator:
         ]
         try:
             record = self.ledger.commit_round(round_number, attempt, coefficients, contributions)
+            self.replay_guard.committed(round_number)
         except (LedgerError, TableError) as error:
             # Nothing was written: abandon this attempt, keep serving, retry with new seeds.
             logger.error("round %d attempt %d could not be committed: %s", round_number, attempt, error)
@@ -385,9 +407,9 @@ class Coordinator:
         nonce = secrets.token_bytes(32)
         session: ClientSession | None = None
         try:
-            await self._send(connection, Challenge(protocol_version=limits.PROTOCOL_VERSION, server_nonce=nonce,
-                                                   federation_id=self.config.federation_id,
-                                                   federation=self.federation))
+            challenge = Challenge(protocol_version=limits.PROTOCOL_VERSION, server_nonce=nonce,
+                                  federation_id=self.config.federation_id, federation=self.federation)
+            await self._send(connection, challenge)
             try:
                 hello = await self._receive(connection, HANDSHAKE_TIMEOUT_S)
             except TimeoutError:
@@ -396,7 +418,7 @@ class Coordinator:
             except VersionMismatch as error:
                 await self._reject_version(connection, error)
                 return
-            session = await self._admit(connection, hello)
+            session = await self._admit(connection, hello, challenge)
             if session is None:
                 return
             while True:
@@ -420,7 +442,8 @@ class Coordinator:
                                             supported_versions=(limits.PROTOCOL_VERSION,)))
         await connection.close(1002, "unsupported version")
 
-    async def _admit(self, connection: ServerConnection, hello: Message) -> ClientSession | None:
+    async def _admit(self, connection: ServerConnection, hello: Message, challenge: Challenge
+                     ) -> ClientSession | None:
         if isinstance(hello, Goodbye):  # e.g. the task does not fit the client's memory
             logger.info("peer %s declined to join: %s", connection.remote_address, hello.reason)
             await connection.close(1000, "goodbye")
@@ -443,6 +466,15 @@ class Coordinator:
                 supported_versions=(limits.PROTOCOL_VERSION,)))
             await connection.close(1008, "model mismatch")
             return None
+        if self.allowlist is not None:
+            try:
+                verify_hello(self.allowlist, challenge, hello)
+            except IdentityRefused as refusal:
+                logger.warning("peer %s refused as %r: %s", connection.remote_address, hello.client_id, refusal)
+                await self._send(connection, Reject(code="not_allowed", message=str(refusal)[:limits.MAX_STRING_CHARS],
+                                                    supported_versions=(limits.PROTOCOL_VERSION,)))
+                await connection.close(1008, "not allowed")
+                return None
         previous = self.sessions.pop(hello.client_id, None)
         if previous is not None:
             logger.info("client %s reconnected; closing its previous connection", hello.client_id)
@@ -452,7 +484,9 @@ class Coordinator:
         await self._send(connection, Welcome(client_id=hello.client_id, federation=self.federation,
                                              last_committed_round=last))
         # Not ready (round -1) until it reports a fingerprint: hello.last_round is only a claim.
-        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1, plan=hello.plan)
+        session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1, plan=hello.plan,
+                                challenge=challenge,
+                                public_key=hello.public_key if self.allowlist is not None else None)
         self.sessions[hello.client_id] = session
         self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
         logger.info("client %s joined (%s, mode %s, holds round %d of %d)%s", hello.client_id,
@@ -483,6 +517,7 @@ class Coordinator:
             if update.client_id != session.client_id:
                 raise UpdateRefused("wrong_client", "update.client_id is not this connection's client",
                                     round=update.round, field="update.client_id")
+            self._authenticate(session, update)
             if machine is None:
                 raise UpdateRefused("round_not_open", "no round is open", round=update.round, field="update.round")
             outcome = machine.receive(update)
@@ -499,6 +534,25 @@ class Coordinator:
         await self._send(session.connection, UpdateAck(round=update.round, attempt=update.attempt,
                                                         status="duplicate" if outcome.duplicate else "accepted"))
         self._poke()
+
+    def _authenticate(self, session: ClientSession, update: Update) -> None:
+        """In allow-list mode, the update must be signed by the key the hello proved, over
+        this connection's challenge (so an altered, impersonated or replayed-elsewhere
+        update fails), with a nonce not seen before (PROTOCOL.md §4.5.2).
+
+        Raises:
+            UpdateRefused: missing_signature, bad_signature, replay, out_of_window or
+                too_many_updates.
+        """
+        if session.public_key is None or session.challenge is None:
+            return
+        try:
+            verify_update(session.public_key, session.challenge, update)
+            self.replay_guard.check(update)
+        except IdentityRefused as refusal:
+            logger.warning("client %s: update for round %d refused: %s", session.client_id, update.round, refusal)
+            field = "update.signature" if refusal.reason.endswith("signature") else "update.nonce"
+            raise UpdateRefused(refusal.reason, str(refusal), round=update.round, field=field) from None
 
     def _on_fingerprint(self, session: ClientSession, report: Fingerprint) -> None:
         if report.round > self.ledger.last_round():

@@ -11,6 +11,7 @@ from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, clien
 from edge_client.data import DataError
 from edge_client.device import detect_device, parse_bytes, parse_headroom
 from edge_client.engines.registry import UnknownModeError
+from edge_client.identity import IdentityError
 from edge_client.model import DEFAULT_MODEL, ModelLoadError
 
 
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a malformed data line: report it and skip it, or refuse the file")
     parser.add_argument("--instruction-field", default="instruction")
     parser.add_argument("--response-field", default="response")
+    parser.add_argument("--key", default=None,
+                        help="this client's private key file (edgefed-keys new); signs hellos and updates")
+    parser.add_argument("--ca-file", default=None,
+                        help="the federation's ca.pem, to verify a wss:// coordinator (default: system CAs)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -68,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                               memory_headroom=parse_headroom(args.memory_headroom),
                               cache_dir=args.cache_dir, copies=args.copies,
                               instruction_field=args.instruction_field, response_field=args.response_field,
-                              prompt_format=args.prompt_format, on_bad_record=args.on_bad_record)
+                              prompt_format=args.prompt_format, on_bad_record=args.on_bad_record,
+                              key_path=args.key, ca_file=args.ca_file)
         client = EdgeClient(config)
         client.prepare()
         asyncio.run(client.run())
-    except (ValueError, ModelLoadError, DataError, UnknownModeError, FatalClientError) as error:
+    except (ValueError, ModelLoadError, DataError, UnknownModeError, FatalClientError, IdentityError) as error:
         print(f"edgefed-client: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import os
 import random
 import secrets
 import signal
+import ssl
 import time
 import zlib
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
 from edge_client.engines import Engine, RoundPlan, available_engines, get_engine
+from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
@@ -108,6 +110,10 @@ class ClientConfig:
         prompt_format: "plain", "chat" (the tokenizer's chat template) or "auto" (chat when
             the tokenizer has a template). Every client of a federation must use the same.
         on_bad_record: "skip" (report each bad line and go on) or "raise" (refuse the file).
+        key_path: this client's Ed25519 private key file (``edgefed-keys new``); hellos
+            and updates are signed with it. None: unsigned (open-mode coordinators only).
+        ca_file: the federation's CA certificate (``ca.pem`` from ``edgefed-keys
+            tls-init``) to verify a wss:// coordinator; None: the system's CAs.
     """
 
     url: str
@@ -126,6 +132,8 @@ class ClientConfig:
     response_field: str = "response"
     prompt_format: str = "auto"
     on_bad_record: str = "skip"
+    key_path: str | None = None
+    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
@@ -153,6 +161,18 @@ class EdgeClient:
         # The engine class is chosen once the federation's task is known (the challenge).
         self.engine_cls: type[Engine] | None = None
         self.choice: Choice | None = None
+        # Raises IdentityError (one line) for a missing, unreadable or too-open key file.
+        self.identity = ClientIdentity.load(config.key_path) if config.key_path else None
+        self._ssl = None
+        if config.url.startswith("wss://"):
+            try:
+                self._ssl = ssl.create_default_context(cafile=config.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(f"cannot use the CA file {config.ca_file}: {error}") from None
+            self._ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        elif config.ca_file:
+            raise ValueError("ca_file is for wss:// URLs; this one is plain ws://")
+        self._challenge: Challenge | None = None  # of the current connection; updates are bound to it
         # Called in a worker thread each time the model reaches a new ledger round
         # (after its fingerprint is sent): the evaluator's hook.
         self.on_round: Callable[[int], None] | None = None
@@ -277,7 +297,7 @@ class EdgeClient:
         while not self.stopping and not self.finished:
             try:
                 async with connect(self.config.url, max_size=limits.MAX_FRAME_BYTES, open_timeout=20,
-                                   ping_interval=20, ping_timeout=60) as connection:
+                                   ping_interval=20, ping_timeout=60, ssl=self._ssl) as connection:
                     self._connection = connection
                     try:
                         await self._session(connection)
@@ -295,7 +315,7 @@ class EdgeClient:
                         with contextlib.suppress(ConnectionClosed):
                             await connection.close(1000, "resync")
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
-                reason = type(error).__name__
+                reason = f"{type(error).__name__}: {error}" if isinstance(error, ssl.SSLError) else type(error).__name__
             except InvalidURI as error:
                 raise FatalClientError(str(error)) from None
             if self.stopping or self.finished:
@@ -356,13 +376,17 @@ class EdgeClient:
             self.engine_cls = get_engine(self.choice.mode)
             logger.info("plan: %s", self.choice.explanation)
         sync = self.sync
-        await self._send(connection, Hello(
+        hello = Hello(
             protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
             mode=OBSERVER_MODE if self.engine_cls is None else self.engine_cls.name, model_hash=self.model_hash,
             last_round=sync.round if sync is not None else 0,
             table_digest=sync.table_digest() if sync is not None else None,
             plan=self.choice.explanation if self.choice is not None else None, public_key=None, signature=None,
-        ))
+        )
+        if self.identity is not None:
+            hello = self.identity.sign_hello(challenge, hello)
+        self._challenge = challenge
+        await self._send(connection, hello)
         reply = await self._recv(connection)
         if isinstance(reply, Reject):
             raise FatalClientError(f"rejected by the coordinator ({reply.code}): {reply.message}")
@@ -439,11 +463,14 @@ class EdgeClient:
                          type(error).__name__, error)
             await asyncio.to_thread(sync.discard_local_training)
             return
-        await self._send(connection, Update(
+        update = Update(
             round=task.round, attempt=task.attempt, client_id=self.config.client_id, pairs=result.pairs,
             num_examples=max(1, len(self._examples)), loss_before=result.loss_before, loss_after=result.loss_after,
             nonce=secrets.token_bytes(16), signature=None,
-        ))
+        )
+        if self.identity is not None and self._challenge is not None:
+            update = self.identity.sign_update(self._challenge, update)
+        await self._send(connection, update)
         self.rounds_trained += 1
         logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
                     result.seconds, result.loss_before, result.loss_after)
