@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
 from edge_client.data import DataError
@@ -54,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+ClientFactory = Callable[[ClientConfig, argparse.Namespace], EdgeClient]
+
+
+def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None,
+         make_client: ClientFactory | None = None) -> int:
+    """Run a client. ``parser`` and ``make_client`` let a variant (edge_client/adversary.py)
+    add flags and build its own :class:`EdgeClient` subclass."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.print_model_hash:
         return _print_model_hash(args.model, args.cache_dir)
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                               instruction_field=args.instruction_field, response_field=args.response_field,
                               prompt_format=args.prompt_format, on_bad_record=args.on_bad_record,
                               key_path=args.key, ca_file=args.ca_file)
-        client = EdgeClient(config)
+        client = make_client(config, args) if make_client is not None else EdgeClient(config)
         client.prepare()
         asyncio.run(client.run())
     except (ValueError, ModelLoadError, DataError, UnknownModeError, FatalClientError, IdentityError) as error:

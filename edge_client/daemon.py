@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
-from edge_client.engines import Engine, RoundPlan, available_engines, get_engine
+from edge_client.engines import Engine, LocalUpdate, RoundPlan, available_engines, get_engine
 from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
@@ -463,6 +463,13 @@ class EdgeClient:
                          type(error).__name__, error)
             await asyncio.to_thread(sync.discard_local_training)
             return
+        await self._send(connection, self._make_update(task, result))
+        self.rounds_trained += 1
+        logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
+                    result.seconds, result.loss_before, result.loss_after)
+
+    def _make_update(self, task: RoundTask, result: LocalUpdate) -> Update:
+        """The signed (when this client has a key) update reporting ``result``."""
         update = Update(
             round=task.round, attempt=task.attempt, client_id=self.config.client_id, pairs=result.pairs,
             num_examples=max(1, len(self._examples)), loss_before=result.loss_before, loss_after=result.loss_after,
@@ -470,10 +477,7 @@ class EdgeClient:
         )
         if self.identity is not None and self._challenge is not None:
             update = self.identity.sign_update(self._challenge, update)
-        await self._send(connection, update)
-        self.rounds_trained += 1
-        logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
-                    result.seconds, result.loss_before, result.loss_after)
+        return update
 
     async def _apply_commit(self, connection: ClientConnection, commit: RoundCommit) -> None:
         assert self.sync is not None

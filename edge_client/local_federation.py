@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rebase-every", type=int, default=4)
     parser.add_argument("--pool-key", type=int, default=1,
                         help="seed-pool key; fixed so that a run is reproducible (-1: random)")
+    parser.add_argument("--aggregation", default="trimmed_mean", choices=["trimmed_mean", "median", "mean"],
+                        help="how the coordinator combines the clients' scalars per seed (PROTOCOL.md 8.2)")
+    parser.add_argument("--adversaries", type=int, default=0,
+                        help="robustness experiments: the last N clients poison their updates "
+                             "(edge_client/adversary.py)")
+    parser.add_argument("--attack", default="sign_flip", choices=["sign_flip", "constant", "noise"])
+    parser.add_argument("--attack-scale", type=float, default=100.0)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>")
     parser.add_argument("--threads-per-client", type=int, default=1)
     return parser
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1:
         print("edgefed-local: --clients must be >= 1", file=sys.stderr)
         return 2
+    if not 0 <= args.adversaries <= args.clients:
+        print("edgefed-local: --adversaries must be between 0 and --clients", file=sys.stderr)
+        return 2
     try:
         budgets = [parse_bytes(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError as error:
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "--learning-rate", str(args.learning_rate), "--epsilon", str(args.epsilon),
             "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
             *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
+            "--aggregation", args.aggregation,
             "--clients-per-round", str(args.clients), "--quorum", str(max(1, (args.clients + 1) // 2)),
             "--min-clients", str(args.clients), "--deadline-s", "900", "--commit-wait-s", "30",
             "--status-file", str(run_dir / "status.json"),
@@ -213,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  base model: eval loss {base['eval_loss']:.4f}{decoded}")
         for index, data_path in enumerate(data_paths):
             budget = budgets[index % len(budgets)]
+            adversary = index >= args.clients - args.adversaries
+            module = ["edge_client.adversary", "--attack", args.attack, "--attack-scale", str(args.attack_scale)] \
+                if adversary else ["edge_client.cli"]
             processes.append(start(f"client-{index}", [
-                sys.executable, "-m", "edge_client.cli", "--url", url,
+                sys.executable, "-m", *module, "--url", url,
                 "--client-id", f"client-{index}", "--data", str(data_path), "--model", str(model_dir),
                 "--memory-budget", str(budget), "--prompt-format", args.prompt_format,
             ], run_dir, env))
@@ -236,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print("edgefed-local: the federation did not finish; see the logs in", run_dir, file=sys.stderr)
         return 1
     summary = report(status, read_metrics(metrics_path), wall, run_dir)
+    summary.update(aggregation=args.aggregation, adversaries=args.adversaries,
+                   attack=f"{args.attack} x{args.attack_scale:g}" if args.adversaries else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0 if status.get("finished") else 1
 

@@ -253,3 +253,33 @@ def test_a_client_whose_memory_is_too_small_declines_with_the_budget_it_needs(tm
     finally:
         fed.stop()
 
+
+
+def test_a_sign_flipping_client_is_trimmed_out_of_every_coefficient(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFED_PERTURB_BACKEND": "eager"}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_client.local_federation", "--model", str(model_dir), "--clients", "4",
+         "--adversaries", "1", "--attack-scale", "100", "--rounds", "1", "--max-seq-len", "96",
+         "--local-steps", "3", "--learning-rate", "1e-3", "--heldout", "0", "--run-dir", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["aggregation"] == "trimmed_mean" and summary["adversaries"] == 1
+    with sqlite3.connect(run_dir / "ledger.db") as db:
+        coefficients = dict(db.execute("SELECT seed, coefficient FROM coefficients WHERE round = 1"))
+        contributions = db.execute("SELECT client_id, pairs_json FROM contributions WHERE round = 1").fetchall()
+    by_client = {client: dict(json.loads(pairs)) for client, pairs in contributions}
+    assert len(by_client) == 4
+    honest = [pairs for client, pairs in by_client.items() if client != "client-3"]
+    poisoned = by_client["client-3"]
+    for seed, coefficient in coefficients.items():
+        values = [pairs[seed] for pairs in honest]
+        g = -coefficient / 1e-3  # the aggregated projected gradient (float32-rounded)
+        slack = 1e-5 * max(abs(v) for v in values) + 1e-9
+        assert min(values) - slack <= g <= max(values) + slack, (seed, values, g, poisoned[seed])
+    # the attack was real: the poisoned scalars fall outside the honest range
+    assert any(not min(pairs[s] for pairs in honest) <= poisoned[s] <= max(pairs[s] for pairs in honest)
+               for s in coefficients)
