@@ -24,6 +24,7 @@ _OVERRIDES = {
     "min_clients": int, "deadline_s": float, "commit_wait_s": float, "ledger_path": str, "host": str,
     "port": int, "lora_rank": int, "lora_init_seed": int, "allowlist": str, "tls_cert": str, "tls_key": str,
     "aggregation": str, "aggregation_trim": float, "aggregation_clip": float, "aggregation_max_examples": int,
+    "max_connections_per_address": int,
 }
 
 

@@ -104,6 +104,9 @@ class FederationConfig:
             join, nothing is authenticated: local federations only).
         tls_cert, tls_key: PEM certificate and key to serve wss://.
         insecure: allow plain ws:// on a non-loopback host.
+        max_connections_per_address: open TCP connections one IP address may hold; more
+            are refused as soon as they are accepted (a local federation runs every
+            client from 127.0.0.1, hence the generous default).
     """
 
     model_hash: str
@@ -140,6 +143,7 @@ class FederationConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     insecure: bool = False
+    max_connections_per_address: int = 256
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -193,6 +197,8 @@ class FederationConfig:
             raise bad("commit_wait_s", "must be >= 0")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port")
+        if not 1 <= self.max_connections_per_address <= 1_000_000:
+            raise bad("max_connections_per_address", "must be between 1 and 1000000")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise bad("tls_cert", "tls_cert and tls_key go together")
         try:
@@ -243,7 +249,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "deadline_s": "deadline_s", "commit_wait_s": "commit_wait_s",
     },
     "server": {"host": "host", "port": "port", "allowlist": "allowlist", "tls_cert": "tls_cert",
-               "tls_key": "tls_key", "insecure": "insecure"},
+               "tls_key": "tls_key", "insecure": "insecure",
+               "max_connections_per_address": "max_connections_per_address"},
 }
 
 

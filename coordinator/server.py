@@ -71,6 +71,14 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 30.0  # a client that does not say hello within this is dropped
 SEND_TIMEOUT_S = 30.0  # a client whose connection does not take a message within this is dropped
+# Connection limits (issue #10; PROTOCOL.md §2). Module constants so tests can shorten them;
+# the per-address connection cap is FederationConfig.max_connections_per_address.
+OPEN_TIMEOUT_S = 10.0  # the HTTP upgrade must be complete within this (a dribbled request is dropped)
+PING_INTERVAL_S = 20.0  # keepalive ping period (PROTOCOL.md §2)
+PING_TIMEOUT_S = 60.0  # a peer that leaves a ping unanswered this long is dropped
+CLOSE_TIMEOUT_S = 10.0  # a close not completed within this aborts the TCP connection
+MAX_QUEUED_FRAMES = 4  # received frames buffered per connection while its handler is busy (each <= 4 MiB)
+MAX_ABS_LOSS = 1e30  # a reported loss beyond this is refused: summing such losses overflows the round's mean
 FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
 
 
@@ -165,9 +173,13 @@ class Coordinator:
             self.config.port,
             process_request=self._process_request,
             max_size=limits.MAX_FRAME_BYTES,
+            max_queue=MAX_QUEUED_FRAMES,
             ssl=self.ssl_context,
-            ping_interval=20,
-            ping_timeout=60,
+            open_timeout=OPEN_TIMEOUT_S,
+            ping_interval=PING_INTERVAL_S,
+            ping_timeout=PING_TIMEOUT_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            create_connection=_connection_class(self.config.max_connections_per_address),
         ) as server:
             self._server = server
             self.port = next(iter(server.sockets)).getsockname()[1]
@@ -197,8 +209,7 @@ class Coordinator:
     async def _say_goodbye(self, reason: str) -> None:
         async def goodbye(session: ClientSession) -> None:
             await self._send_safely(session, Goodbye(reason=reason))
-            with contextlib.suppress(ConnectionClosed):
-                await session.connection.close(1000, reason)
+            await _close(session.connection, 1000, reason)
 
         await asyncio.gather(*(goodbye(s) for s in list(self.sessions.values())))
 
@@ -217,8 +228,11 @@ class Coordinator:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with the event (stop() would then wait for the driver forever).
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except TimeoutError:
                 return predicate()
         return True
@@ -363,20 +377,28 @@ class Coordinator:
     async def _send(self, connection: ServerConnection, message: Message) -> None:
         await connection.send(codec.encode(message))
 
-    async def _send_safely(self, session: ClientSession, message: Message) -> None:
-        """Send, never raising: a closed connection is logged; a client that does not read
-        for SEND_TIMEOUT_S is disconnected rather than allowed to stall the round driver."""
+    async def _send_safely(self, session: ClientSession, message: Message, frame: bytes | None = None) -> None:
+        """Send (``frame``: ``message`` already encoded), never raising: a closed connection
+        is logged; a client that does not take the message within SEND_TIMEOUT_S (it does
+        not read) is disconnected."""
         try:
-            await asyncio.wait_for(self._send(session.connection, message), SEND_TIMEOUT_S)
+            frame = codec.encode(message) if frame is None else frame
+            await asyncio.wait_for(session.connection.send(frame), SEND_TIMEOUT_S)
         except ConnectionClosed:
             logger.info("client %s: connection closed while sending %s", session.client_id, message.TYPE)
         except TimeoutError:
-            logger.warning("client %s: not reading (%s not sent in %.0fs); disconnecting", session.client_id,
+            logger.warning("client %s: not reading (%s not sent in %.1fs); disconnecting", session.client_id,
                            message.TYPE, SEND_TIMEOUT_S)
-            self._spawn(session.connection.close(1008, "not reading"))
+            self._spawn(_close(session.connection, 1008, "not reading"))
 
     async def _broadcast(self, sessions: list[ClientSession], message: Message) -> None:
-        await asyncio.gather(*(self._send_safely(session, message) for session in sessions))
+        """Hand ``message`` to every session and return at once: each send finishes (or
+        times out and drops its client) in the background, so a client that does not read
+        never holds up the round driver, and through it everyone else. Sends to one
+        connection still go out in the order they were started."""
+        frame = codec.encode(message)
+        for session in sessions:
+            self._spawn(self._send_safely(session, message, frame))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -385,10 +407,11 @@ class Coordinator:
 
     async def _refuse(self, connection: ServerConnection, error: PeerProtocolError) -> None:
         field_name = getattr(error, "path", None)
-        with contextlib.suppress(ConnectionClosed):
-            await self._send(connection, Error(code=error.error_code, message=str(error)[:limits.MAX_STRING_CHARS],
-                                               field=field_name, round=None))
-            await connection.close(error.close_code, error.error_code)
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            await asyncio.wait_for(self._send(connection, Error(
+                code=error.error_code, message=str(error)[:limits.MAX_STRING_CHARS], field=field_name, round=None)),
+                SEND_TIMEOUT_S)
+        await _close(connection, error.close_code, error.error_code)
 
     async def _receive(self, connection: ServerConnection, timeout: float | None = None,
                        session: ClientSession | None = None) -> Message:
@@ -413,7 +436,7 @@ class Coordinator:
             try:
                 hello = await self._receive(connection, HANDSHAKE_TIMEOUT_S)
             except TimeoutError:
-                await connection.close(1008, "no hello")
+                await _close(connection, 1008, "no hello")
                 return
             except VersionMismatch as error:
                 await self._reject_version(connection, error)
@@ -503,13 +526,13 @@ class Coordinator:
         elif isinstance(message, Fingerprint):
             self._on_fingerprint(session, message)
         elif isinstance(message, SyncRequest):
-            await self._send(session.connection, self._sync_response(message.have_round))
+            await self._send_safely(session, self._sync_response(message.have_round))
         elif isinstance(message, Goodbye):
             logger.info("client %s said goodbye: %s", session.client_id, message.reason)
-            await session.connection.close(1000, "goodbye")
+            await _close(session.connection, 1000, "goodbye")
         else:
-            await self._send(session.connection, Error(code="unexpected", message=f"a client may not send {message.TYPE}",
-                                                       field="type", round=None))
+            await self._send_safely(session, Error(code="unexpected", message=f"a client may not send {message.TYPE}",
+                                                   field="type", round=None))
 
     async def _on_update(self, session: ClientSession, update: Update) -> None:
         machine = self.machine
@@ -520,10 +543,14 @@ class Coordinator:
             self._authenticate(session, update)
             if machine is None:
                 raise UpdateRefused("round_not_open", "no round is open", round=update.round, field="update.round")
+            for name in ("loss_before", "loss_after"):
+                if abs(getattr(update, name)) > MAX_ABS_LOSS:
+                    raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=update.round,
+                                        field=f"update.{name}")
             outcome = machine.receive(update)
         except UpdateRefused as refusal:
-            await self._send(session.connection, Error(code=refusal.code, message=refusal.message,
-                                                       field=refusal.field, round=refusal.round))
+            await self._send_safely(session, Error(code=refusal.code, message=refusal.message,
+                                                   field=refusal.field, round=refusal.round))
             return
         if not outcome.duplicate:
             session.rounds_participated += 1
@@ -531,8 +558,8 @@ class Coordinator:
             session.busy_round = None
             session.last_loss_before = update.loss_before
             session.last_loss_after = update.loss_after
-        await self._send(session.connection, UpdateAck(round=update.round, attempt=update.attempt,
-                                                        status="duplicate" if outcome.duplicate else "accepted"))
+        await self._send_safely(session, UpdateAck(round=update.round, attempt=update.attempt,
+                                                   status="duplicate" if outcome.duplicate else "accepted"))
         self._poke()
 
     def _authenticate(self, session: ClientSession, update: Update) -> None:
@@ -646,3 +673,47 @@ def _text_frame_error() -> PeerProtocolError:
 
     return MalformedFrame("text frames are not part of the protocol; send binary msgpack frames")
 
+
+async def _close(connection: ServerConnection, code: int, reason: str) -> None:
+    """Close; abort the TCP connection if that takes over CLOSE_TIMEOUT_S. websockets'
+    close() first waits for the close frame to be written, which never happens while the
+    peer does not read, and only then applies its own close timeout."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await connection.close(code, reason)
+    except TimeoutError:
+        connection.transport.abort()
+
+
+def _connection_class(per_address: int) -> type[ServerConnection]:
+    """A ServerConnection that counts the open TCP connections of each peer address and
+    aborts one over ``per_address`` as soon as it is accepted, before it costs a handshake:
+    a flood of idle or dribbling connections from one host holds at most that many."""
+    open_from: Counter[str] = Counter()
+
+    class CappedConnection(ServerConnection):
+        counted: str | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) else ""
+            if open_from[address] >= per_address:
+                logger.debug("refusing a connection from %s: it holds %d already", address, per_address)
+                transport.abort()
+                return
+            open_from[address] += 1
+            self.counted = address
+            if open_from[address] == per_address:
+                logger.warning("%s holds %d connections, the most one address may; refusing more",
+                               address, per_address)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.counted is not None:
+                open_from[self.counted] -= 1
+                if not open_from[self.counted]:
+                    del open_from[self.counted]
+                self.counted = None
+            super().connection_lost(exc)
+
+    return CappedConnection

@@ -13,7 +13,11 @@ stages, each bounding the cost of the next:
    oversized strings, binaries and containers, truncation and trailing bytes, and any
    container that declares more items than there are bytes left. msgpack allocates a
    container's declared length up front, so without this a few hundred bytes could
-   make it allocate hundreds of megabytes;
+   make it allocate hundreds of megabytes. It also adds up what the Python objects
+   would cost and refuses a frame that would take more than
+   :data:`DECODE_BYTES_PER_FRAME_BYTE` times its own length (plus
+   :data:`DECODE_BASE_BYTES`): one byte can be a whole empty map (~80 bytes), so a
+   4 MiB frame of them would otherwise build ~300 MB of objects;
 3. msgpack builds the value with limits derived from :mod:`protocol.limits`, and a
    hook refuses non-str and duplicate map keys;
 4. the schema declared in :mod:`protocol.messages` validates every field.
@@ -64,6 +68,14 @@ _MAX_ARRAY_ITEMS = MAX_TABLE_ENTRIES
 # Peer-controlled names echoed into error messages are cut to this many characters, so
 # that str() of any decode error fits in an error message's text field.
 _ECHO_CHARS = 64
+
+# What unpacking a frame may cost in memory: this many bytes of Python objects per byte
+# of frame, plus a constant. Valid messages stay under it by the scan's conservative
+# estimate (a full sync table ~7 per byte; the worst valid shape, a sync of 4,095
+# rounds without coefficients, ~21); hostile frames of tiny maps, tuples or strings
+# (up to ~80 per byte) are refused.
+DECODE_BYTES_PER_FRAME_BYTE = 24
+DECODE_BASE_BYTES = 64 * 1024
 
 
 # ------------------------------------------------------------------------ encoding
@@ -265,30 +277,52 @@ _EXT = 5
 _NEVER_USED = 6
 
 
-def _build_header_table() -> tuple[tuple[int, int], ...]:
-    table: list[tuple[int, int]] = []
+# What each value's Python object costs, in bytes, counting the 8-byte reference its
+# container holds (CPython 3.11, 64-bit; rounded up). Small ints (0..256), nil, booleans
+# and empty tuples are shared singletons; map keys are interned, but counted as strs.
+_COST_REF = 8
+_COST_INT = 48
+_COST_FLOAT = 32
+_COST_STR = 88  # plus one byte per byte of UTF-8 (a str never takes more than that)
+_COST_BIN = 48  # plus its length
+_COST_ARRAY = 56  # the tuple; its items count themselves
+_COST_EMPTY_MAP = 80
+_COST_MAP = 200  # a dict, plus _COST_MAP_KEY per key
+_COST_MAP_KEY = 24
+
+
+def _build_header_table() -> tuple[tuple[int, int, int], ...]:
+    """(action, argument, cost) for each first byte; the cost is the fixed part, the
+    scan adds what depends on a length that follows the byte."""
+    table: list[tuple[int, int, int]] = []
     for byte in range(256):
-        if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
-            entry = (_SCALAR, 1)  # fixints, nil, false, true
+        if byte <= 0x7F or byte in (0xC0, 0xC2, 0xC3):
+            entry = (_SCALAR, 1, _COST_REF)  # positive fixints, nil, false, true
+        elif byte >= 0xE0:
+            entry = (_SCALAR, 1, _COST_INT)  # negative fixints: -32..-6 are not shared
         elif byte <= 0x8F:
-            entry = (_MAP, 0)
+            keys = byte & 0x0F
+            entry = (_MAP, 0, _COST_MAP + _COST_MAP_KEY * keys if keys else _COST_EMPTY_MAP)
         elif byte <= 0x9F:
-            entry = (_ARRAY, 0)
+            entry = (_ARRAY, 0, _COST_ARRAY if byte > 0x90 else _COST_REF)  # () is shared
         elif byte <= 0xBF:
-            entry = (_SCALAR, 1 + (byte & 0x1F))  # fixstr: the length is in the byte
+            length = byte & 0x1F  # fixstr: the length is in the byte
+            entry = (_SCALAR, 1 + length, _COST_STR + length)
         else:
             entry = {
-                0xC1: (_NEVER_USED, 0),
-                0xC4: (_BIN, 1), 0xC5: (_BIN, 2), 0xC6: (_BIN, 4),
-                0xC7: (_EXT, 0), 0xC8: (_EXT, 0), 0xC9: (_EXT, 0),
-                0xCA: (_SCALAR, 5), 0xCB: (_SCALAR, 9),
-                0xCC: (_SCALAR, 2), 0xCD: (_SCALAR, 3), 0xCE: (_SCALAR, 5), 0xCF: (_SCALAR, 9),
-                0xD0: (_SCALAR, 2), 0xD1: (_SCALAR, 3), 0xD2: (_SCALAR, 5), 0xD3: (_SCALAR, 9),
-                0xD4: (_EXT, 0), 0xD5: (_EXT, 0), 0xD6: (_EXT, 0), 0xD7: (_EXT, 0),
-                0xD8: (_EXT, 0),
-                0xD9: (_STR, 1), 0xDA: (_STR, 2), 0xDB: (_STR, 4),
-                0xDC: (_ARRAY, 2), 0xDD: (_ARRAY, 4),
-                0xDE: (_MAP, 2), 0xDF: (_MAP, 4),
+                0xC1: (_NEVER_USED, 0, 0),
+                0xC4: (_BIN, 1, _COST_BIN), 0xC5: (_BIN, 2, _COST_BIN), 0xC6: (_BIN, 4, _COST_BIN),
+                0xC7: (_EXT, 0, 0), 0xC8: (_EXT, 0, 0), 0xC9: (_EXT, 0, 0),
+                0xCA: (_SCALAR, 5, _COST_FLOAT), 0xCB: (_SCALAR, 9, _COST_FLOAT),
+                0xCC: (_SCALAR, 2, _COST_INT), 0xCD: (_SCALAR, 3, _COST_INT),
+                0xCE: (_SCALAR, 5, _COST_INT), 0xCF: (_SCALAR, 9, _COST_INT),
+                0xD0: (_SCALAR, 2, _COST_INT), 0xD1: (_SCALAR, 3, _COST_INT),
+                0xD2: (_SCALAR, 5, _COST_INT), 0xD3: (_SCALAR, 9, _COST_INT),
+                0xD4: (_EXT, 0, 0), 0xD5: (_EXT, 0, 0), 0xD6: (_EXT, 0, 0), 0xD7: (_EXT, 0, 0),
+                0xD8: (_EXT, 0, 0),
+                0xD9: (_STR, 1, _COST_STR), 0xDA: (_STR, 2, _COST_STR), 0xDB: (_STR, 4, _COST_STR),
+                0xDC: (_ARRAY, 2, _COST_ARRAY), 0xDD: (_ARRAY, 4, _COST_ARRAY),
+                0xDE: (_MAP, 2, _COST_MAP), 0xDF: (_MAP, 4, _COST_MAP),
             }[byte]
         table.append(entry)
     return tuple(table)
@@ -297,13 +331,19 @@ def _build_header_table() -> tuple[tuple[int, int], ...]:
 _HEADERS = _build_header_table()
 
 
-def _scan(data: bytes) -> None:
+def _scan(data: bytes) -> int:
     """Check the structure of a frame without building any object.
 
+    Returns:
+        An upper estimate of the bytes of Python objects unpacking the frame builds.
+
     Raises:
-        MalformedFrame: the frame is not exactly one msgpack value within the limits.
+        MalformedFrame: the frame is not exactly one msgpack value within the limits,
+            or unpacking it would cost more memory than its length allows.
     """
     end = len(data)
+    budget = DECODE_BASE_BYTES + DECODE_BYTES_PER_FRAME_BYTE * end
+    cost = 0
     pos = 0
     remaining = 1  # values still expected at the current level (the frame holds one)
     enclosing: list[int] = []  # the same count for each enclosing level
@@ -318,7 +358,8 @@ def _scan(data: bytes) -> None:
         if pos >= end:
             raise MalformedFrame("truncated")
         byte = data[pos]
-        action, width = headers[byte]
+        action, width, value_cost = headers[byte]
+        cost += value_cost
         if action == _SCALAR:
             pos += width
             continue
@@ -338,6 +379,7 @@ def _scan(data: bytes) -> None:
             if length > limit:
                 kind = "str" if action == _STR else "bin"
                 raise MalformedFrame(f"{kind} of {length} bytes exceeds {limit}")
+            cost += length
             pos += length
             continue
         if action == _ARRAY:
@@ -346,28 +388,41 @@ def _scan(data: bytes) -> None:
         else:
             if length > MAX_MAP_KEYS:
                 raise MalformedFrame(f"map of {length} keys exceeds {MAX_MAP_KEYS}")
+            if width:
+                cost += _COST_MAP_KEY * length
             length *= 2
         if len(enclosing) >= MAX_NESTING_DEPTH:
             raise MalformedFrame(f"nested deeper than {MAX_NESTING_DEPTH} levels")
         # Every value takes at least one byte: a longer declaration is a lie.
         if length > end - pos:
             raise MalformedFrame("truncated")
+        if cost > budget:
+            raise _too_costly(budget)
         enclosing.append(remaining)
         remaining = length
     if pos > end:
         raise MalformedFrame("truncated")
     if pos < end:
         raise MalformedFrame(f"{end - pos} trailing bytes")
+    if cost > budget:
+        raise _too_costly(budget)
+    return cost
+
+
+def _too_costly(budget: int) -> MalformedFrame:
+    return MalformedFrame(f"too many small values: decoding would take over {budget} bytes of memory "
+                          f"({DECODE_BYTES_PER_FRAME_BYTE} per byte of frame)")
 
 
 def _map_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     """Build a map, refusing duplicate and non-str keys (msgpack allows both)."""
+    # The key types first: a map or array key may not even be hashable.
+    for key, _ in pairs:
+        if type(key) is not str:
+            raise MalformedFrame(f"map key must be str, got {wire_type_name(key)}")
     result = dict(pairs)
     if len(result) != len(pairs):
         raise MalformedFrame("duplicate map key")
-    for key in result:
-        if type(key) is not str:
-            raise MalformedFrame(f"map key must be str, got {wire_type_name(key)}")
     return result
 
 
@@ -387,7 +442,7 @@ def _unpack(data: bytes) -> Any:
             data,
             raw=False,
             use_list=False,
-            strict_map_key=True,
+            strict_map_key=False,  # _map_hook refuses non-str keys, naming their type
             object_pairs_hook=_map_hook,
             ext_hook=_refuse_ext,
             max_str_len=MAX_STRING_BYTES,
@@ -400,6 +455,8 @@ def _unpack(data: bytes) -> Any:
         raise
     except msgpack.ExtraData:
         raise MalformedFrame("trailing bytes") from None
+    except UnicodeDecodeError:
+        raise MalformedFrame("invalid UTF-8 in a str") from None
     # msgpack signals bad input with ValueError subclasses (FormatError, StackError,
     # UnicodeDecodeError, ...) but documents that "other exceptions can be raised".
     except Exception as exc:
