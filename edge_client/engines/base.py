@@ -7,8 +7,12 @@ change when a mode is added: a new mode is a new module that subclasses :class:`
 and registers itself in ``edge_client/engines/__init__.py`` with one call.
 
 Subclasses must set:
-    name: the mode's wire name (sent in the hello, shown in the status).
-    config_cls: a dataclass of the mode's own settings, with defaults.
+    name: the mode's wire name (sent in the hello, shown in the status). The mode
+        chooser offers a registered engine when :data:`profiles.chooser.POLICY` has a
+        row of that name (its rank and memory model).
+    config_cls: a dataclass of the mode's own settings, with defaults, accepting a
+        ``micro_batch`` keyword (rows per forward pass, chosen to fit the memory budget;
+        None: the whole batch).
 and override:
     train_round(task, data, progress): run the round's local steps and return a
         :class:`LocalUpdate`. :mod:`edge_client.engines.mezo` is the reference.
