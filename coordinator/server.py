@@ -261,7 +261,14 @@ class Coordinator:
 
     def _all_reported(self) -> bool:
         last = self.ledger.last_round()
-        return all(s.round >= last for s in self.sessions.values())
+        if not all(s.round >= last for s in self.sessions.values()):
+            return False
+        if self.finished and last > 0:
+            # Also the clients that trained the last round, connected or not yet: after a
+            # restart on a finished ledger they may still be one commit short.
+            expected = {c.client_id for c in self.ledger.contributions(last)}
+            return all(cid in self.sessions and self.sessions[cid].round >= last for cid in expected)
+        return True
 
     def _seeds_for(self, round_number: int, attempt: int) -> list[int]:
         rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}")
@@ -299,7 +306,14 @@ class Coordinator:
                                "" if finished else " (deadline)")
                 self._release(chosen)
                 return False
-        updates = [machine.updates[cid] for cid in sorted(machine.updates)]
+        # A client flagged (fingerprint mismatch) after it got the task is left out.
+        flagged = {cid for cid in machine.updates if (s := self.sessions.get(cid)) is not None and s.flagged}
+        updates = [machine.updates[cid] for cid in sorted(machine.updates) if cid not in flagged]
+        if flagged and len(updates) < quorum:
+            logger.warning("round %d attempt %d abandoned: %d updates once flagged clients (%s) are left out, "
+                           "quorum %d", round_number, attempt, len(updates), ", ".join(sorted(flagged)), quorum)
+            self._release(chosen)
+            return False
         try:
             coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation_rule)
         except TableError as error:
@@ -333,7 +347,8 @@ class Coordinator:
         """Every assigned client that has not answered has lost the connection it got the
         task on (a reconnected client never received this task): waiting longer is useless,
         so the deadline rule decides now (commit on quorum, else abandon)."""
-        return all(self.sessions.get(cid) is not self._assigned.get(cid) for cid in machine.missing())
+        return all(self.sessions.get(cid) is not self._assigned.get(cid) or self._assigned[cid].flagged
+                   for cid in machine.missing())
 
     def _release(self, chosen: list[ClientSession]) -> None:
         for session in chosen:
@@ -511,7 +526,10 @@ class Coordinator:
                                 challenge=challenge,
                                 public_key=hello.public_key if self.allowlist is not None else None)
         self.sessions[hello.client_id] = session
-        self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
+        try:
+            self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
+        except LedgerError as error:  # e.g. a full disk: the registry row is informative, keep serving
+            logger.error("client %s: could not record it in the ledger: %s", hello.client_id, error)
         logger.info("client %s joined (%s, mode %s, holds round %d of %d)%s", hello.client_id,
                     hello.device.device_type, hello.mode, hello.last_round, last,
                     f": {hello.plan}" if hello.plan else "")
@@ -541,6 +559,9 @@ class Coordinator:
                 raise UpdateRefused("wrong_client", "update.client_id is not this connection's client",
                                     round=update.round, field="update.client_id")
             self._authenticate(session, update)
+            if session.flagged:
+                raise UpdateRefused("fingerprint_mismatch", "your model differs from the majority's; resync first",
+                                    round=update.round, field="update.client_id")
             if machine is None:
                 raise UpdateRefused("round_not_open", "no round is open", round=update.round, field="update.round")
             for name in ("loss_before", "loss_after"):
@@ -584,7 +605,11 @@ class Coordinator:
     def _on_fingerprint(self, session: ClientSession, report: Fingerprint) -> None:
         if report.round > self.ledger.last_round():
             return
-        self.ledger.record_fingerprint(report.round, session.client_id, report.fingerprint)
+        try:
+            self.ledger.record_fingerprint(report.round, session.client_id, report.fingerprint)
+        except LedgerError as error:  # the in-memory check below still runs
+            logger.error("client %s: could not record its round %d fingerprint: %s", session.client_id,
+                         report.round, error)
         session.round = report.round
         session.fingerprint = report.fingerprint
         self._check_fingerprints(report.round)
