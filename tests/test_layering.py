@@ -11,6 +11,9 @@ RULES = [
     ("protocol", {"torch"}, ("perturb.py",)),
     ("coordinator", {"torch", "transformers", "peft", "bitsandbytes", "edge_client", "numpy"}, ()),
     ("edge_client", {"coordinator", "sqlite3"}, ()),
+    # The memory model, chooser and device table are plain arithmetic; only the profiler
+    # runs models (in child processes).
+    ("profiles", {"torch", "transformers", "peft", "bitsandbytes", "coordinator", "websockets"}, ("profiler.py",)),
 ]
 
 
