@@ -420,7 +420,10 @@ def poison_section(workdir: Path, results: Results, rounds: int, model: str) -> 
     runs = [
         ("clean", ["--adversaries", "0"]),
         ("robust", ["--adversaries", "1", "--attack-scale", "100"]),
-        ("mean", ["--adversaries", "1", "--attack-scale", "100", "--aggregation", "mean"]),
+        # The "plain mean": no trimming and no clipping (the coordinator's default
+        # clip, |g| <= 1000, already bounds one attacker under the mean: x1.07 measured).
+        ("mean", ["--adversaries", "1", "--attack-scale", "100", "--aggregation", "mean",
+                  "--aggregation-clip", "1e30"]),
     ]
     summaries: dict[str, dict[str, Any]] = {}
     say(f"{'run':<8} {'aggregation':<13} {'adversaries':>11} {'eval loss before':>16} {'after':>8} "
@@ -453,7 +456,7 @@ def poison_section(workdir: Path, results: Results, rounds: int, model: str) -> 
         say(f"trimmed mean with one poisoner: final loss x{robust_ratio:.4f} of the clean run's "
             f"(target <= {TARGET_POISON_RATIO}: {'met' if robust_ratio <= TARGET_POISON_RATIO else 'NOT met'})")
     if mean_ratio is not None:
-        say(f"plain mean with one poisoner:   final loss x{mean_ratio:.4f} of the clean run's "
+        say(f"plain mean (no clip), one poisoner: final loss x{mean_ratio:.4f} of the clean run's "
             f"(target > {TARGET_POISON_RATIO}: {'met' if mean_ratio > TARGET_POISON_RATIO else 'NOT met'})")
     base = summaries.get("clean", {}).get("eval_loss_before")
     if base is not None and clean is not None:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed-pool key; fixed so that a run is reproducible (-1: random)")
     parser.add_argument("--aggregation", default="trimmed_mean", choices=["trimmed_mean", "median", "mean"],
                         help="how the coordinator combines the clients' scalars per seed (PROTOCOL.md 8.2)")
+    parser.add_argument("--aggregation-clip", type=float, default=None,
+                        help="bound on |projected gradient| before combining (default: the coordinator's, 1000; "
+                             "1e30 turns clipping off)")
     parser.add_argument("--adversaries", type=int, default=0,
                         help="robustness experiments: the last N clients poison their updates "
                              "(edge_client/adversary.py)")
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
             *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
             "--aggregation", args.aggregation,
+            *(["--aggregation-clip", str(args.aggregation_clip)] if args.aggregation_clip is not None else []),
             "--clients-per-round", str(args.clients), "--quorum", str(max(1, (args.clients + 1) // 2)),
             "--min-clients", str(args.clients), "--deadline-s", "900", "--commit-wait-s", "30",
             "--status-file", str(run_dir / "status.json"),
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("edgefed-local: the federation did not finish; see the logs in", run_dir, file=sys.stderr)
         return 1
     summary = report(status, read_metrics(metrics_path), wall, run_dir)
-    summary.update(aggregation=args.aggregation, adversaries=args.adversaries,
+    summary.update(aggregation=args.aggregation, aggregation_clip=args.aggregation_clip, adversaries=args.adversaries,
                    attack=f"{args.attack} x{args.attack_scale:g}" if args.adversaries else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0 if status.get("finished") else 1
