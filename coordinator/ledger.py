@@ -284,11 +284,18 @@ def _validate_contributions(contributions: Sequence[Contribution]) -> list[Contr
 
 
 def _weighted_mean(values: Iterable[tuple[int, float]]) -> float | None:
+    """The example-weighted mean of the reported losses (informative), or None when
+    there is no weight or the mean is not a finite float (absurd losses must not make a
+    commit fail: the round's coefficients are what matters)."""
     items = list(values)
     weight = sum(n for n, _ in items)
     if weight == 0:
         return None
-    return math.fsum(n * v for n, v in items) / weight
+    try:
+        mean = math.fsum(n * v for n, v in items) / weight
+    except OverflowError:
+        return None
+    return mean if math.isfinite(mean) else None
 
 
 def _encode_pairs(pairs: tuple[tuple[int, float], ...]) -> str:

@@ -476,3 +476,13 @@ def test_committed_round_is_frozen(tmp_path: Path) -> None:
         cr: CommittedRound = led.commit_round(1, 0, [(1, 0.5)], [])
     with pytest.raises(AttributeError):
         cr.round = 2  # type: ignore[misc]
+
+
+def test_absurd_losses_do_not_fail_a_commit(tmp_path: Path) -> None:
+    # Two losses near the float64 maximum overflow a weighted sum: the informative
+    # round losses become None and the coefficients still commit.
+    with Ledger(tmp_path / "l.db") as led:
+        record = led.commit_round(1, 0, [(5, 0.25)], [contrib("a", 3, 1e308, 1.0, [(5, 0.1)]),
+                                                     contrib("b", 2, 1e308, 2.0, [(5, 0.3)])])
+        assert record.loss_before is None and record.loss_after == pytest.approx(1.4)
+        assert led.last_round() == 1
