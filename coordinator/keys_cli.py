@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.allowlist import AllowlistError, add, format_entry, load_allowlist
 from coordinator.tls import DEFAULT_DAYS, TlsError, create_local_ca, read_private_file, write_private_file
+from protocol.keyfile import KeyFileError, parse_ed25519_private_key, private_key_pem
 
 __all__ = ["main", "build_parser"]
 
@@ -102,21 +102,12 @@ def _name(given: str | None, path: Path) -> str:
 
 
 def _load_client_key(path: Path) -> Ed25519PrivateKey:
-    """Read a client key file (private to its owner, unencrypted Ed25519 PEM).
+    """Read a client key file, by the rules the client itself loads it with.
 
     Raises:
-        TlsError: the file is unreadable, too open, or not such a key.
+        KeyFileError: the file is unreadable, too open, or not such a key.
     """
-    data = read_private_file(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise TlsError(f"{path}: the key is encrypted; edgefed needs an unencrypted key file") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise TlsError(f"{path}: not a PEM private key file") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TlsError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
-    return key
+    return parse_ed25519_private_key(path, read_private_file(path))
 
 
 def _public_bytes(key: Ed25519PrivateKey) -> bytes:
@@ -127,9 +118,7 @@ def _public_bytes(key: Ed25519PrivateKey) -> bytes:
 def _new(args: argparse.Namespace) -> None:
     name = _name(args.name, args.out)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    write_private_file(args.out, pem)
+    write_private_file(args.out, private_key_pem(key))
     print(format_entry(_public_bytes(key), name))
     print(f"{PROG}: wrote {args.out} (mode 0600; keep it private). Add the line above to the coordinator's "
           f"allow-list; its name must be the client's --client-id.", file=sys.stderr)
@@ -182,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as stop:  # --help
         return stop.code if isinstance(stop.code, int) else 0
-    except (TlsError, AllowlistError) as error:
+    except (TlsError, KeyFileError, AllowlistError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     except OSError as error:

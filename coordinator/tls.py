@@ -8,7 +8,10 @@ through :func:`client_ssl_context` and checks the host name as usual. ``ca.key``
 leaves the coordinator's machine (it is only needed to issue certificates again).
 
 Keys are ECDSA P-256, certificates SHA-256, TLS 1.2 at least. Private key files are
-created with mode 0600; nothing is overwritten unless asked.
+created with mode 0600; nothing is overwritten unless asked. The key-file rules and
+messages (mode, size, format) are :mod:`protocol.keyfile`'s, shared with the client;
+:func:`write_private_file` and :func:`read_private_file` are the coordinator's file I/O
+around them.
 
 The coordinator must use TLS whenever it listens beyond the loopback interface
 (:func:`check_transport`); plain ``ws://`` there needs an explicit ``--insecure``.
@@ -22,7 +25,6 @@ import logging
 import os
 import re
 import ssl
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protocol import keyfile
 
 __all__ = [
     "TlsError",
@@ -50,13 +54,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_DAYS = 825
 """Validity of the certificates :func:`create_local_ca` makes (the most Apple clients accept)."""
 
-PRIVATE_FILE_MODE = 0o600
+PRIVATE_FILE_MODE = keyfile.KEY_FILE_MODE
 """Permissions of a private key file: read and write for its owner only."""
 
 _PUBLIC_FILE_MODE = 0o644
 _CLOCK_SKEW = datetime.timedelta(hours=1)
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
-_MAX_PRIVATE_FILE_BYTES = 64 * 1024
 
 
 class TlsError(Exception):
@@ -154,28 +157,26 @@ def _subject_alt_name(host: str) -> x509.GeneralName:
 
 
 def write_private_file(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write a secret to ``path`` with mode 0600.
+    """Write a key file to ``path`` with mode 0600.
 
     Without ``overwrite`` the file is created exclusively (an existing file is an
     error); with it, a 0600 temporary file beside it replaces it atomically.
 
     Raises:
-        TlsError: ``path`` exists (and not ``overwrite``) or cannot be written.
+        KeyFileError: ``path`` exists (and not ``overwrite``) or cannot be written.
     """
     target = path
     if overwrite:
         target = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         target.unlink(missing_ok=True)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-    except FileExistsError:
-        raise TlsError(f"{path}: already exists; refusing to overwrite") from None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, keyfile.KEY_FILE_MODE)
     except OSError as error:
-        raise TlsError(f"{path}: cannot create: {error.strerror or error}") from None
+        raise keyfile.os_error(path, error, "create") from None
     try:
         try:
             if hasattr(os, "fchmod"):
-                os.fchmod(fd, PRIVATE_FILE_MODE)  # exact, whatever the umask
+                os.fchmod(fd, keyfile.KEY_FILE_MODE)  # exact, whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -186,36 +187,23 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = False) -> N
             os.replace(target, path)
     except OSError as error:
         target.unlink(missing_ok=True)
-        raise TlsError(f"{path}: cannot write: {error.strerror or error}") from None
+        raise keyfile.os_error(path, error, "write") from None
 
 
 def read_private_file(path: Path) -> bytes:
-    """Read a secret that only its owner may access (checked on POSIX systems).
+    """Read a key file that only its owner may access (checked on POSIX systems).
 
     Raises:
-        TlsError: the file is missing or unreadable, not a regular file, or accessible
-            by group or others.
+        KeyFileError: the file is missing or unreadable, not a regular file, accessible
+            by group or others, or too large to be a key file.
     """
     try:
         with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise TlsError(f"{path}: not a regular file")
-            if os.name == "posix" and info.st_mode & 0o077:
-                raise TlsError(
-                    f"{path}: key file is accessible by group or others "
-                    f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-                )
-            data = handle.read(_MAX_PRIVATE_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise TlsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TlsError(f"{path}: not a regular file") from None
+            keyfile.check_mode(path, os.fstat(handle.fileno()).st_mode)
+            data = handle.read(keyfile.READ_LIMIT)
     except OSError as error:
-        raise TlsError(f"{path}: cannot read: {error.strerror or error}") from None
-    if len(data) > _MAX_PRIVATE_FILE_BYTES:
-        raise TlsError(f"{path}: not a key file (larger than {_MAX_PRIVATE_FILE_BYTES} bytes)")
-    return data
+        raise keyfile.os_error(path, error, "read") from None
+    return keyfile.check_size(path, data)
 
 
 def _write_public_file(path: Path, data: bytes, *, overwrite: bool) -> None:
@@ -237,13 +225,6 @@ def _write_public_file(path: Path, data: bytes, *, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------ certificates
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """A private key as unencrypted PKCS #8 PEM."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def create_local_ca(
@@ -274,7 +255,9 @@ def create_local_ca(
 
     Raises:
         TlsError: no host, a host that is neither an IP address nor a DNS name,
-            ``days`` < 1, an existing file (without ``overwrite``), or a write failure.
+            ``days`` < 1, an existing file (without ``overwrite``), or a certificate
+            write failure.
+        KeyFileError: a key file write failure (:mod:`protocol.keyfile`).
     """
     if not hosts:
         raise TlsError("give at least one host (an IP address or DNS name clients will connect to)")
@@ -352,8 +335,8 @@ def create_local_ca(
     )
 
     # Keys first: a crash between writes then leaves no certificate without its key.
-    write_private_file(files.ca_key, _key_pem(ca_key), overwrite=overwrite)
-    write_private_file(files.server_key, _key_pem(server_key), overwrite=overwrite)
+    write_private_file(files.ca_key, keyfile.private_key_pem(ca_key), overwrite=overwrite)
+    write_private_file(files.server_key, keyfile.private_key_pem(server_key), overwrite=overwrite)
     _write_public_file(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
     _write_public_file(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
     return files
@@ -378,9 +361,10 @@ def server_ssl_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         mode = os.stat(key).st_mode
-        if os.name == "posix" and mode & 0o077:
-            logger.warning("TLS key %s is accessible by group or others (mode %04o); chmod 600 it",
-                           key, stat.S_IMODE(mode))
+        # Only a warning here, where a client key is refused: TLS keys issued outside
+        # edgefed are often kept group-readable on purpose (Debian's ssl-cert group).
+        if keyfile.is_exposed(mode):
+            logger.warning("TLS %s; serving it anyway", keyfile.exposed_message(key, mode))
         context.load_cert_chain(certfile=os.fspath(cert), keyfile=os.fspath(key))
     except FileNotFoundError as error:
         raise TlsError(f"{error.filename or cert}: no such file") from None

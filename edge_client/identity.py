@@ -4,6 +4,8 @@ The key file is PEM (PKCS #8, unencrypted), the format ``edgefed-keys new`` writ
 ``openssl genpkey -algorithm ed25519`` produces. It is created with mode 0600 and
 never overwritten; on POSIX systems a key file that group or others may access is
 refused when loaded, as ssh does, since anyone who can read it can act as the client.
+Those rules, and every message about a key file, are :mod:`protocol.keyfile`'s, which
+``edgefed-keys`` on the coordinator side uses too; this module does the file I/O only.
 
 The coordinator knows a client by its 32-byte raw public key, listed in its allow-list
 as ``<base64 key> <client id>`` (:meth:`ClientIdentity.allowlist_line`). The client
@@ -18,27 +20,24 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import stat
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocol import keyfile
+from protocol.keyfile import KEY_FILE_MODE, KeyFileError
 from protocol.messages import Challenge, Hello, Update
 from protocol.signing import hello_signed_bytes, update_signed_bytes
 
 __all__ = ["IdentityError", "ClientIdentity", "KEY_FILE_MODE"]
 
-KEY_FILE_MODE = 0o600
-"""Permissions of a new key file: read and write for its owner only."""
+IdentityError = KeyFileError
+"""A key file cannot be created or used; the message says which file and why.
 
-# A PEM Ed25519 key is 119 bytes; anything much larger is not a key file.
-_MAX_KEY_FILE_BYTES = 64 * 1024
-
-
-class IdentityError(Exception):
-    """A key file cannot be created or used; the message says which file and why."""
+The same class as :class:`protocol.keyfile.KeyFileError`, so the client and
+``edgefed-keys`` fail alike on one bad file; the name stays for the client's callers.
+"""
 
 
 class ClientIdentity:
@@ -90,31 +89,11 @@ class ClientIdentity:
         path = Path(path)
         try:
             with open(path, "rb") as handle:
-                info = os.fstat(handle.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    raise IdentityError(f"{path}: not a regular file")
-                if os.name == "posix" and info.st_mode & 0o077:
-                    raise IdentityError(
-                        f"{path}: key file is accessible by group or others "
-                        f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-                    )
-                data = handle.read(_MAX_KEY_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise IdentityError(f"{path}: no such key file (create one with: edgefed-keys new --out {path})") from None
-        except IsADirectoryError:
-            raise IdentityError(f"{path}: not a regular file") from None
+                keyfile.check_mode(path, os.fstat(handle.fileno()).st_mode)
+                data = handle.read(keyfile.READ_LIMIT)
         except OSError as error:
-            raise IdentityError(f"{path}: cannot read key file: {error.strerror or error}") from None
-        if len(data) > _MAX_KEY_FILE_BYTES:
-            raise IdentityError(f"{path}: not a key file (larger than {_MAX_KEY_FILE_BYTES} bytes)")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except TypeError:
-            raise IdentityError(f"{path}: the key is encrypted; edgefed needs an unencrypted key file") from None
-        except (ValueError, UnsupportedAlgorithm):
-            raise IdentityError(f"{path}: not a PEM private key file") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise IdentityError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
+            raise keyfile.os_error(path, error, "read") from None
+        key = keyfile.parse_ed25519_private_key(path, data)
         return cls(key, path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -127,15 +106,11 @@ class ClientIdentity:
             IdentityError: ``path`` exists or cannot be written.
         """
         path = Path(path)
-        data = self._private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        data = keyfile.private_key_pem(self._private_key)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
-        except FileExistsError:
-            raise IdentityError(f"{path}: already exists; refusing to overwrite a key file") from None
         except OSError as error:
-            raise IdentityError(f"{path}: cannot create key file: {error.strerror or error}") from None
+            raise keyfile.os_error(path, error, "create") from None
         try:
             if hasattr(os, "fchmod"):
                 os.fchmod(fd, KEY_FILE_MODE)  # the umask may only have narrowed it; make it exact
@@ -146,7 +121,7 @@ class ClientIdentity:
         except OSError as error:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise IdentityError(f"{path}: cannot write key file: {error.strerror or error}") from None
+            raise keyfile.os_error(path, error, "write") from None
         os.close(fd)
         self.path = path
 

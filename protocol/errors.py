@@ -1,7 +1,8 @@
 """Exceptions of the wire protocol.
 
-Every error the protocol package raises derives from :class:`ProtocolError`, split by
-who is to blame::
+Every error the protocol package raises derives from :class:`ProtocolError` (except
+:class:`protocol.keyfile.KeyFileError`, which is about local key files, not the wire),
+split by who is to blame::
 
     ProtocolError(Exception)
     ├── LocalProtocolError        our own misuse (building or encoding an invalid message)

@@ -6,7 +6,8 @@ valid, and a peer in another language may pick another. These functions define t
 *signed bytes* of a ``hello`` and of an ``update`` field by field, in a layout that any
 language can reproduce (PROTOCOL.md, identity section; ``docs/identity.md`` has the
 table and test vectors). This module signs and verifies nothing itself: it is pure
-(hashlib and struct only), so the protocol layer stays free of cryptography and I/O.
+(hashlib and struct only), so the protocol layer stays free of I/O (cryptography appears
+there only in ``keyfile.py``, to parse key files).
 
 Building blocks, all integers big-endian:
 

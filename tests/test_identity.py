@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import keys_cli
+from coordinator import keys_cli, tls
 from coordinator.allowlist import (
     OPEN_MODE_WARNING,
     REFUSAL_REASONS,
@@ -36,6 +36,7 @@ from coordinator.allowlist import (
     verify_update,
 )
 from edge_client.identity import ClientIdentity, IdentityError
+from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError
 from protocol.messages import Challenge, DeviceProfile, FederationInfo, Hello, ScopeSpec, Update
 from protocol.signing import (
     HELLO_TAG,
@@ -655,9 +656,92 @@ def test_keys_new_and_show_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, err = run_keys(capsys, "show", str(key))
     assert (code, out) == (2, "") and "chmod 600" in err and err.count("\n") == 1
     code, _, err = run_keys(capsys, "show", str(tmp_path / "missing.key"))
-    assert code == 2 and "no such file" in err
+    assert code == 2 and "no such key file (create one with: edgefed-keys new --out" in err
     code, _, err = run_keys(capsys, "show", str(write_private(tmp_path / "junk.key", b"junk")))
     assert code == 2 and "not a PEM private key file" in err
+
+
+# One bad key file, the same refusal wherever it is loaded: by the client
+# (ClientIdentity.load), by edgefed-keys show, and by the coordinator's key-file reader
+# (coordinator.tls.read_private_file, which sees only the file, not the key in it).
+
+
+def command_error(stderr: str) -> str:
+    """The message of edgefed-keys' one-line error, without its program name."""
+    return stderr.removeprefix(f"{keys_cli.PROG}: ").removesuffix("\n")
+
+
+def _group_readable(path: Path) -> Path:
+    ClientIdentity.create(path)
+    os.chmod(path, 0o640)
+    return path
+
+
+def _missing(path: Path) -> Path:
+    return path
+
+
+def _directory(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _oversized(path: Path) -> Path:
+    return write_private(path, b"-----BEGIN PRIVATE KEY-----\n" + b"A" * MAX_KEY_FILE_BYTES)
+
+
+def _not_pem(path: Path) -> Path:
+    return write_private(path, b"hello\n")
+
+
+def _ecdsa(path: Path) -> Path:
+    return write_private(path, ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+@pytest.mark.parametrize("make,reader_sees_it,expected", [
+    pytest.param(_group_readable, True, "key file is accessible by group or others (mode 0640); run: chmod 600 ",
+                 id="group-readable", marks=pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")),
+    pytest.param(_missing, True, "no such key file (create one with: edgefed-keys new --out ", id="missing"),
+    pytest.param(_directory, True, "not a regular file", id="directory"),
+    pytest.param(_oversized, True, f"not a key file (larger than {MAX_KEY_FILE_BYTES} bytes)", id="oversized"),
+    pytest.param(_not_pem, False, "not a PEM private key file", id="malformed"),
+    pytest.param(_ecdsa, False, "not an Ed25519 private key", id="ecdsa"),
+])
+def test_every_key_file_loader_refuses_alike(tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Any,
+                                             reader_sees_it: bool, expected: str) -> None:
+    path = make(tmp_path / "client.key")
+    refusals: dict[str, BaseException] = {}
+    with pytest.raises(Exception) as caught:
+        ClientIdentity.load(path)
+    refusals["client"] = caught.value
+    if reader_sees_it:
+        with pytest.raises(Exception) as caught:
+            tls.read_private_file(path)
+        refusals["coordinator reader"] = caught.value
+    code, out, err = run_keys(capsys, "show", str(path))
+    assert (code, out) == (2, "") and err.startswith(f"{keys_cli.PROG}: ") and err.count("\n") == 1
+    texts = {site: str(error) for site, error in refusals.items()} | {"edgefed-keys show": command_error(err)}
+    assert set(texts.values()) == {texts["client"]}, texts
+    assert texts["client"].startswith(f"{path}: ") and expected in texts["client"]
+    assert {type(error) for error in refusals.values()} == {KeyFileError}
+
+
+def test_every_key_file_writer_refuses_to_overwrite_alike(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "client.key"
+    ClientIdentity.create(path)
+    before = path.read_bytes()
+    refusals: list[BaseException] = []
+    for write in (lambda: ClientIdentity.generate().save(path), lambda: tls.write_private_file(path, b"x")):
+        with pytest.raises(Exception) as caught:
+            write()
+        refusals.append(caught.value)
+    code, _, err = run_keys(capsys, "new", "--out", str(path))
+    assert code == 2 and path.read_bytes() == before
+    assert {type(error) for error in refusals} == {KeyFileError}
+    texts = {str(error) for error in refusals} | {command_error(err)}
+    assert texts == {f"{path}: already exists; refusing to overwrite"}
 
 
 def test_keys_allow_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ from coordinator.tls import (
     server_ssl_context,
     write_private_file,
 )
+from protocol.keyfile import KeyFileError
 
 
 @pytest.mark.parametrize("host,expected", [
@@ -105,17 +106,27 @@ def test_private_files(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert mode_of(path) == 0o600 and path.read_bytes() == b"x" * 100_000
-    with pytest.raises(TlsError, match="not a key file"):
+    with pytest.raises(KeyFileError, match="not a key file"):
         read_private_file(path)
-    with pytest.raises(TlsError, match="already exists"):
+    with pytest.raises(KeyFileError, match="already exists"):
         write_private_file(path, b"y")
     write_private_file(path, b"y", overwrite=True)
     assert read_private_file(path) == b"y" and mode_of(path) == 0o600
     os.chmod(path, 0o640)
-    with pytest.raises(TlsError, match="chmod 600"):
+    with pytest.raises(KeyFileError, match="chmod 600"):
         read_private_file(path)
-    with pytest.raises(TlsError, match="no such file"):
+    with pytest.raises(KeyFileError, match="no such key file"):
         read_private_file(tmp_path / "missing")
+
+
+def test_group_readable_tls_key_is_served_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = create_local_ca(tmp_path, ["127.0.0.1"])
+    os.chmod(files.server_key, 0o640)
+    with caplog.at_level("WARNING", logger="coordinator.tls"):
+        server_ssl_context(files.server_cert, files.server_key)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"TLS {files.server_key}: key file is accessible by group or others (mode 0640); "
+        f"run: chmod 600 {files.server_key}; serving it anyway"]
 
 
 # ------------------------------------------------------------------ contexts
