@@ -8,12 +8,16 @@ import logging
 import sys
 from collections.abc import Callable
 
-from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
+from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads, plan_training
 from edge_client.data import DataError
 from edge_client.device import detect_device, parse_bytes, parse_headroom
 from edge_client.engines.registry import UnknownModeError
 from edge_client.identity import IdentityError
 from edge_client.model import DEFAULT_MODEL, ModelLoadError
+
+
+# The coordinator's default (coordinator/config.py), which edge_client may not import.
+DEFAULT_REBASE_EVERY = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8, help="with --plan: examples per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="with --plan: tokens per example (default 256)")
     parser.add_argument("--scope", default="full", choices=["full", "lora"], help="with --plan: trained parameters")
+    parser.add_argument("--rebase-every", type=int, default=DEFAULT_REBASE_EVERY,
+                        help="with --plan: the federation's rebase interval, which decides whether a "
+                             f"round-start snapshot is kept (default {DEFAULT_REBASE_EVERY})")
     parser.add_argument("--cache-dir", default=None, help="model cache (default $EDGEFED_CACHE or ~/.cache/edgefed)")
     parser.add_argument("--copies", default="auto", choices=["auto", "memory", "file"],
-                        help="where the base copy and round-start snapshot live")
+                        help="where the base copy and round-start snapshot live: auto (a file under "
+                             "<cache-dir>/copies for a CPU client training the whole model, else memory); "
+                             "in memory on a CPU or MPS device they count against the budget (--plan too)")
     parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
                         help="prompt layout; auto = the model's chat template if it has one")
     parser.add_argument("--on-bad-record", default="skip", choices=["skip", "raise"],
@@ -98,12 +107,13 @@ def _print_plan(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from edge_client.engines import available_engines
     from edge_client.model import resolve_model
-    from profiles.chooser import ModeUnavailable, NoModeFits, TrainingTask, choose
+    from profiles.chooser import ModeUnavailable, NoModeFits, TrainingTask
     from profiles.estimator import ModelShape
 
     try:
+        if args.rebase_every < 1:
+            raise ValueError(f"--rebase-every must be >= 1, got {args.rebase_every}")
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
         report = detect_device(args.device, memory_budget_bytes=budget,
                                headroom=parse_headroom(args.memory_headroom))
@@ -114,9 +124,8 @@ def _print_plan(args: argparse.Namespace) -> int:
         shape = ModelShape.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
         task = TrainingTask(scope=args.scope, batch_size=args.batch, max_seq_len=args.seq_len)
         print(report.describe())
-        forced = None if args.mode == "auto" else args.mode
-        choice = choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
-                        available=available_engines(), forced=forced, budget_source=report.budget_source)
+        choice = plan_training(shape, task, report, copies=args.copies, rebase_every=args.rebase_every,
+                               mode=args.mode)
     except (ValueError, ModelLoadError, NoModeFits, ModeUnavailable) as error:
         print(f"edgefed-client: {error}", file=sys.stderr)
         return 2

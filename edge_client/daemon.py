@@ -41,8 +41,9 @@ from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_fo
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
 from edge_client.engines import Engine, LocalUpdate, RoundPlan, available_engines, get_engine
 from edge_client.identity import ClientIdentity
-from edge_client.model import base_weights_hash, default_cache_dir, load_model, resolve_model
+from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
+from edge_client.space import round_copy_directory, sweep_stale_copies
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from profiles.chooser import Choice, ModeUnavailable, NoModeFits, TrainingTask, choose
 from profiles.estimator import ModelShape, lora_param_count
@@ -67,7 +68,7 @@ from protocol.messages import (
     Welcome,
 )
 
-__all__ = ["ClientConfig", "EdgeClient", "FatalClientError"]
+__all__ = ["ClientConfig", "EdgeClient", "FatalClientError", "copies_location", "plan_training"]
 
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,6 @@ class EdgeClient:
         self.finished = False
         self.rounds_trained = 0
         self.rounds_since_connect = 0
-        self.bytes_last_round = 0  # bytes this client sent for the last round it trained
-        self._bytes_this_round = 0
         self._full_sync_pending = False
         self._last_hooked_round = -1
         self.federation: FederationInfo | None = None
@@ -210,6 +209,7 @@ class EdgeClient:
                                                   headroom=config.memory_headroom)
         self.device, self.profile = self.report.torch_device, self.report.profile()
         logger.info("%s", self.report.describe())
+        self._sweep_stale_copies()
         started = time.perf_counter()
         model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
         self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
@@ -230,12 +230,10 @@ class EdgeClient:
                             lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
                             lora_init_seed=federation.scope.lora_init_seed)
         self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
-        where = self._copies_where(scope.kind)
-        copies_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
-        copies_dir = copies_dir / "copies"  # on disk: /tmp is often RAM (tmpfs)
-        copies_dir.mkdir(parents=True, exist_ok=True)
+        where = copies_location(self.config.copies, self.report.kind, scope.kind)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
-                              copies_dir=str(copies_dir))
+                              copies_dir=round_copy_directory(self.config.cache_dir),
+                              copies_owner=self.config.client_id)
         if self.engine_cls is not None:
             assert self.choice is not None
             self.engine = self.engine_cls(self.model, space,
@@ -249,35 +247,26 @@ class EdgeClient:
         logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
                     federation.federation_id, scope.kind, space.numel, len(self._examples))
 
-    def _copies_where(self, scope_kind: str) -> str:
-        where = self.config.copies
-        if where == "auto":
-            where = "file" if self.device.type == "cpu" and scope_kind == "full" else "memory"
-        return where
+    def _sweep_stale_copies(self) -> None:
+        """Remove the round-start copies that killed clients left in the cache (a live
+        client's, including other clients sharing this cache, are never touched)."""
+        removed = sweep_stale_copies(round_copy_directory(self.config.cache_dir))
+        if removed:
+            logger.info("removed %d stale round-start cop%s left by clients that are gone: %s", len(removed),
+                        "y" if len(removed) == 1 else "ies", ", ".join(path.name for path in removed))
 
     def plan(self, federation: FederationInfo) -> Choice:
-        """Choose the mode and batch for the federation's task (profiles/chooser.py).
+        """Choose the mode and batch for the federation's task (:func:`plan_training`).
 
         Raises:
             FatalClientError: nothing fits the memory budget, or the forced mode does not
                 fit or is not available; the message names the estimate and the budget.
         """
-        scope = federation.scope
-        task = TrainingTask(scope=scope.kind, batch_size=federation.batch_size,
-                            max_seq_len=federation.max_seq_len, lora_rank=scope.lora_rank or 8)
-        # The base copy and the round-start snapshot share the training device's pool
-        # when they are kept in host memory on a CPU or unified-memory device.
-        extra = {}
-        if self._copies_where(scope.kind) == "memory" and self.report.kind in ("cpu", "mps"):
-            trainable = (self.shape.param_count if scope.kind == "full"
-                         else lora_param_count(self.shape, task.lora_rank))
-            copies = 1 + (federation.rebase_every > 1)
-            extra["round_copies"] = copies * trainable * 4
-        forced = None if self.config.mode == "auto" else self.config.mode
+        task = TrainingTask(scope=federation.scope.kind, batch_size=federation.batch_size,
+                            max_seq_len=federation.max_seq_len, lora_rank=federation.scope.lora_rank or 8)
         try:
-            return choose(self.shape, task, budget_bytes=self.report.budget_bytes, headroom=self.report.headroom,
-                          available=available_engines(), forced=forced, budget_source=self.report.budget_source,
-                          extra=extra)
+            return plan_training(self.shape, task, self.report, copies=self.config.copies,
+                                 rebase_every=federation.rebase_every, mode=self.config.mode)
         except (NoModeFits, ModeUnavailable) as error:
             raise FatalClientError(str(error)) from None
 
@@ -296,8 +285,11 @@ class EdgeClient:
         backoff = self.config.initial_backoff_s
         while not self.stopping and not self.finished:
             try:
+                # No permessage-deflate (PROTOCOL.md §2): no compressor state per
+                # connection, no inflate on every frame, and what is counted is what crosses.
                 async with connect(self.config.url, max_size=limits.MAX_FRAME_BYTES, open_timeout=20,
-                                   ping_interval=20, ping_timeout=60, ssl=self._ssl) as connection:
+                                   ping_interval=20, ping_timeout=60, ssl=self._ssl,
+                                   compression=None) as connection:
                     self._connection = connection
                     try:
                         await self._session(connection)
@@ -348,7 +340,6 @@ class EdgeClient:
         """Send; a closed connection is not an error here: the receive loop still reads
         what the coordinator sent before closing (a goodbye, say), then ends."""
         frame = codec.encode(message)
-        self._bytes_this_round += len(frame)
         try:
             await connection.send(frame)
         except ConnectionClosed:
@@ -442,7 +433,6 @@ class EdgeClient:
             return
         if sync.drifted:  # an earlier attempt at this round was abandoned or ended early
             await asyncio.to_thread(sync.discard_local_training)
-        self._bytes_this_round = 0
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)
@@ -472,7 +462,9 @@ class EdgeClient:
         """The signed (when this client has a key) update reporting ``result``."""
         update = Update(
             round=task.round, attempt=task.attempt, client_id=self.config.client_id, pairs=result.pairs,
-            num_examples=max(1, len(self._examples)), loss_before=result.loss_before, loss_after=result.loss_after,
+            # What the scalars were computed from this round, not the dataset size
+            # (PROTOCOL.md: the aggregation weight of the update).
+            num_examples=result.num_examples, loss_before=result.loss_before, loss_after=result.loss_after,
             nonce=secrets.token_bytes(16), signature=None,
         )
         if self.identity is not None and self._challenge is not None:
@@ -495,7 +487,6 @@ class EdgeClient:
             return
         await self._report_fingerprint(connection)
         self.rounds_since_connect += 1
-        self.bytes_last_round = self._bytes_this_round
 
     async def _apply_sync(self, connection: ClientConnection, response: SyncResponse) -> None:
         assert self.sync is not None
@@ -539,6 +530,50 @@ class EdgeClient:
         if self.on_round is not None and self.sync.round != self._last_hooked_round:
             self._last_hooked_round = self.sync.round
             await asyncio.to_thread(self.on_round, self.sync.round)
+
+
+def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
+    """Where the base copy and the round-start snapshot live: "memory" or "file".
+
+    ``copies`` is the user's setting; "auto" keeps them in a memory-mapped file for a CPU
+    client training the whole model (each copy is as large as the model, and the page
+    cache can evict a file), and in host memory otherwise.
+    """
+    if copies != "auto":
+        return copies
+    return "file" if device_kind == "cpu" and scope_kind == "full" else "memory"
+
+
+def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,
+                  rebase_every: int, mode: str) -> Choice:
+    """The mode and micro-batch this client runs for ``task`` on the device of ``report``.
+
+    The one decision behind both the daemon and ``edgefed-client --plan``, so the plan
+    printed is the plan run: :func:`profiles.chooser.choose` over the step's estimate plus
+    the round-start copies when they take memory from the training budget (host memory on
+    a CPU or unified-memory device: one base copy, and a snapshot unless every round is a
+    rebase).
+
+    Args:
+        shape: the model.
+        task: the federation's task.
+        report: the device and its budget.
+        copies: the copies setting ("auto", "memory" or "file", see :func:`copies_location`).
+        rebase_every: the federation's rebase interval.
+        mode: "auto" or a mode to force.
+
+    Raises:
+        NoModeFits: nothing fits, or the forced mode does not.
+        ModeUnavailable: the forced mode has no engine here.
+    """
+    extra: dict[str, int] = {}
+    if copies_location(copies, report.kind, task.scope) == "memory" and report.kind in ("cpu", "mps"):
+        trainable = shape.param_count if task.scope == "full" else lora_param_count(shape, task.lora_rank)
+        copy_count = 1 + (rebase_every > 1)
+        extra["round_copies"] = copy_count * trainable * 4  # float32
+    forced = None if mode == "auto" else mode
+    return choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
+                  available=available_engines(), forced=forced, budget_source=report.budget_source, extra=extra)
 
 
 def _decode(frame: str | bytes) -> Message:

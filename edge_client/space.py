@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import psutil
 import torch
 
 from protocol.perturb import Backend, apply_gaussian, apply_rademacher, padded_length
 
-__all__ = ["ParameterSpace", "SpaceError", "HostCopy", "Distribution"]
+__all__ = ["ParameterSpace", "SpaceError", "HostCopy", "Distribution", "round_copy_directory",
+           "sweep_stale_copies"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,89 @@ class ParameterSpace:
         return [entry.name for entry in self.entries]
 
 
+# A copy file is named ``edgefed-copy.<owner>.pid<pid>.<role>.<random>.f32``: the owner
+# (the client id) says whose it is, and the pid lets a later process tell whether its
+# owner is still running (sweep_stale_copies).
+_COPY_FILE_PREFIX = "edgefed-copy"
+_COPY_FILE_NAME = re.compile(
+    r"edgefed-copy\.(?P<owner>.+)\.pid(?P<pid>[0-9]+)\.(?P<role>[a-z]+)\.[A-Za-z0-9_]+\.f32")
+# A process created more than this long after a copy file was last written cannot be
+# the process that wrote it: its pid was reused (after a reboot, say). The generous slack
+# covers clock granularity and small clock steps, so a live owner is never mistaken.
+_PID_REUSE_SLACK_S = 60.0
+
+
+def round_copy_directory(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where file-backed copies live: ``<cache>/copies``, the cache being ``cache_dir`` or
+    the project's model cache (``$EDGEFED_CACHE`` or ``~/.cache/edgefed``).
+
+    On disk rather than in the system temp directory, which is often RAM (tmpfs): a
+    copy in RAM would defeat the point of keeping it in a file.
+    """
+    if cache_dir is None:
+        # model.py owns the cache location; imported here, not at the top, because it
+        # pulls in transformers, which the parameter space does not otherwise need.
+        from edge_client.model import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return Path(cache_dir) / "copies"
+
+
+def _safe_owner(owner: str) -> str:
+    """The owner as a file-name component (client ids are already [A-Za-z0-9_.-])."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", owner)[:64] or "edgefed"
+
+
+def _owner_gone(pid: int, written_at: float) -> bool:
+    """Whether the process that wrote a copy file at ``written_at`` has ended.
+
+    A pid that no process holds, a zombie (it has exited: its mappings are gone), or a
+    process created after the file was written (the pid was reused) all mean the owner
+    is gone. Anything we cannot tell (no permission to look) counts as alive: a live
+    process's copy must never be removed.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return process.create_time() > written_at + _PID_REUSE_SLACK_S
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, OSError):
+        return False
+
+
+def sweep_stale_copies(directory: str | os.PathLike) -> list[Path]:
+    """Remove the copy files in ``directory`` whose owning process is no longer alive.
+
+    A client killed outright (SIGKILL, the out-of-memory killer, a power cut on a
+    platform that cannot unlink a mapped file) never runs :meth:`HostCopy.close`, so its
+    copies (each as large as the trainable weights) would stay forever. Other files, and
+    the copies of live processes (other clients sharing the cache), are left alone.
+
+    Returns:
+        the files removed.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _COPY_FILE_NAME.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            written_at = path.stat().st_mtime
+            if _owner_gone(int(match["pid"]), written_at):
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue  # its owner, or another sweeper, removed it meanwhile
+        except OSError as error:  # not ours to remove (permissions): say so, carry on
+            logger.warning("cannot remove stale copy %s: %s", path, error)
+    return removed
+
+
 class HostCopy:
     """A copy of a parameter space kept off the training device.
 
@@ -160,20 +246,42 @@ class HostCopy:
     model; PROTOCOL.md §6.3). ``where="memory"`` keeps a CPU tensor; ``where="file"``
     keeps a memory-mapped file, so a CPU-only client's copy lives in the page cache and
     can be evicted rather than count against its RAM budget.
+
+    A file copy is created under ``directory`` (default: :func:`round_copy_directory`),
+    named by ``owner`` (the client id), this process's pid and ``role``, and unlinked as
+    soon as it is mapped where the platform allows it (POSIX): the mapping keeps the data,
+    and the kernel frees the disk space when the process ends, however it ends. Where a
+    mapped file cannot be unlinked (Windows) it is removed by :meth:`close`, or, after a
+    crash, by the next client's :func:`sweep_stale_copies`.
     """
 
     def __init__(self, numel: int, *, where: Literal["memory", "file"] = "memory",
-                 directory: str | os.PathLike | None = None) -> None:
+                 directory: str | os.PathLike | None = None, owner: str = "edgefed",
+                 role: str = "copy") -> None:
+        if not re.fullmatch(r"[a-z]+", role):
+            raise ValueError(f"a copy's role is lowercase letters, got {role!r}")
         self.numel = numel
         self.where = where
-        self._path: Path | None = None
+        self._path: Path | None = None  # a file still to remove on close()
         if where == "memory":
             self._store: torch.Tensor | np.memmap = torch.empty(numel, dtype=torch.float32)
         else:
-            handle, name = tempfile.mkstemp(prefix="edgefed-copy-", suffix=".f32", dir=directory)
+            folder = Path(directory) if directory is not None else round_copy_directory()
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(
+                prefix=f"{_COPY_FILE_PREFIX}.{_safe_owner(owner)}.pid{os.getpid()}.{role}.", suffix=".f32",
+                dir=folder)
             os.close(handle)
-            self._path = Path(name)
-            self._store = np.memmap(self._path, dtype="<f4", mode="w+", shape=(numel,))
+            path = Path(name)
+            try:
+                self._store = np.memmap(path, dtype="<f4", mode="w+", shape=(numel,))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            try:
+                path.unlink()
+            except OSError:  # the platform keeps a mapped file's name: remove it on close()
+                self._path = path
         self.valid = False
 
     def save(self, space: ParameterSpace) -> None:
@@ -196,8 +304,11 @@ class HostCopy:
             space.load(torch.from_numpy(np.asarray(self._store)))
 
     def close(self) -> None:
+        """Drop the stored values; a file copy's disk space is freed with its mapping."""
+        self.valid = False
+        if hasattr(self, "_store"):
+            del self._store  # the last reference to a memmap unmaps it
         if self._path is not None:
-            del self._store
             self._path.unlink(missing_ok=True)
             self._path = None
 

@@ -17,6 +17,7 @@ round-start snapshot, and moves the parameter space from one canonical state to 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -47,19 +48,23 @@ class ModelSync:
         space: the parameter space, holding theta_0 when this is built.
         rebase_every: the federation's rebase interval (>= 1).
         copies_where: "memory" or "file" for the base copy and round-start snapshot.
+        copies_dir: where file copies go (None: :func:`edge_client.space.round_copy_directory`).
+        copies_owner: whose copies they are (the client id), part of the files' names.
     """
 
     def __init__(self, space: ParameterSpace, *, rebase_every: int, copies_where: str = "memory",
-                 copies_dir: str | None = None) -> None:
+                 copies_dir: str | os.PathLike | None = None, copies_owner: str = "edgefed") -> None:
         if rebase_every < 1:
             raise ValueError(f"rebase_every must be >= 1, got {rebase_every}")
         self.space = space
         self.rebase_every = rebase_every
-        self.base = HostCopy(space.numel, where=copies_where, directory=copies_dir)  # type: ignore[arg-type]
+        self.base = HostCopy(space.numel, where=copies_where, directory=copies_dir,  # type: ignore[arg-type]
+                             owner=copies_owner, role="base")
         self.base.save(space)
         # The round-start snapshot is only needed between rebases.
         self.snapshot = (
-            HostCopy(space.numel, where=copies_where, directory=copies_dir)  # type: ignore[arg-type]
+            HostCopy(space.numel, where=copies_where, directory=copies_dir,  # type: ignore[arg-type]
+                     owner=copies_owner, role="snapshot")
             if rebase_every > 1
             else None
         )

@@ -78,3 +78,9 @@ def test_a_bad_headroom_is_one_clear_line(tiny, headroom):
     result = run_client("--plan", "--model", str(tiny), "--memory-headroom", headroom)
     assert result.returncode == 2 and "headroom" in result.stderr and "Traceback" not in result.stderr
 
+
+
+def test_plan_refuses_a_rebase_interval_below_one_in_one_line(tiny):
+    result = run_client("--plan", "--model", str(tiny), "--device", "cpu", "--rebase-every", "0")
+    assert result.returncode == 2
+    assert "--rebase-every must be >= 1" in result.stderr and "Traceback" not in result.stderr

@@ -1,13 +1,19 @@
 """Parameter space, model sync and the MeZO step on small models."""
 
 import math
+import os
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from edge_client.engines import MeZOEngine, RoundPlan
-from edge_client.space import HostCopy, ParameterSpace, SpaceError
+from edge_client.space import HostCopy, ParameterSpace, SpaceError, sweep_stale_copies
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol.table import accumulate, fl32, sorted_entries, table_digest
 
@@ -65,6 +71,70 @@ def test_host_copy_restores_exactly(where, tmp_path):
     copy.restore(space)
     assert space.fingerprint() == fp
     copy.close()
+
+
+def _mapped_under(directory: Path) -> list[str]:
+    """This process's mappings of files under ``directory`` (Linux)."""
+    rows = [line.split(None, 5) for line in Path("/proc/self/maps").read_text().splitlines()]
+    return sorted({row[5] for row in rows if len(row) == 6 and row[5].startswith(str(directory))})
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_a_file_copy_lives_under_the_cache_unlinked_while_mapped_and_is_unmapped_on_close(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEFED_CACHE", str(tmp_path / "cache"))
+    _, space = make_space()
+    sync = ModelSync(space, rebase_every=2, copies_where="file", copies_owner="laptop-1")
+    copies = tmp_path / "cache" / "copies"
+    mapped = _mapped_under(copies)
+    # the base copy and the round-start snapshot, named by client and process, already unlinked:
+    # a SIGKILL cannot leave them behind
+    assert len(mapped) == 2 and all(name.endswith(" (deleted)") for name in mapped), mapped
+    assert all(f"edgefed-copy.laptop-1.pid{os.getpid()}." in name for name in mapped), mapped
+    assert sorted(path.name for path in copies.iterdir()) == []
+    fp = space.fingerprint()
+    sync.begin_local_training(0)
+    space.apply(3, 1e-2)
+    assert space.fingerprint() != fp
+    sync.discard_local_training()  # from the round-start snapshot
+    assert space.fingerprint() == fp  # the unlinked copy still holds the values
+    sync.base.close()
+    sync.snapshot.close()
+    assert _mapped_under(copies) == []
+
+
+def _write(path: Path, age_s: float = 0.0) -> Path:
+    path.write_bytes(bytes(64))
+    if age_s:
+        written = time.time() - age_s
+        os.utime(path, (written, written))
+    return path
+
+
+def test_the_sweep_removes_only_copies_whose_owner_is_gone(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, not reaped yet
+    deadline = time.monotonic() + 30
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    me = os.getpid()
+    dead = _write(tmp_path / f"edgefed-copy.a.pid{finished.pid}.base.x1.f32")
+    exited = _write(tmp_path / f"edgefed-copy.b.pid{zombie.pid}.snapshot.x2.f32")
+    # this pid, but the file was written a day before this process started: a reused pid
+    reused = _write(tmp_path / f"edgefed-copy.c.pid{me}.base.x3.f32", age_s=86400 + time.time()
+                    - psutil.Process(me).create_time())
+    live = _write(tmp_path / f"edgefed-copy.d.pid{me}.snapshot.x4.f32")
+    parent = _write(tmp_path / f"edgefed-copy.e.pid{os.getppid()}.base.x5.f32")
+    unrelated = [_write(tmp_path / name) for name in ("notes.f32", "edgefed-copy-abc123.f32",
+                                                       f"edgefed-copy.f.pid{finished.pid}.base.x6.bin")]
+    try:
+        removed = sweep_stale_copies(tmp_path)
+    finally:
+        zombie.wait()
+    assert sorted(removed) == sorted([dead, exited, reused])
+    assert sorted(tmp_path.iterdir()) == sorted([live, parent, *unrelated])
+    assert sweep_stale_copies(tmp_path / "missing") == []
 
 
 def _rounds(count: int, pool: list[int], rng: random.Random) -> list[RoundCoefficients]:

@@ -15,7 +15,8 @@ Subclasses must set:
         None: the whole batch).
 and override:
     train_round(task, data, progress): run the round's local steps and return a
-        :class:`LocalUpdate`. :mod:`edge_client.engines.mezo` is the reference.
+        :class:`LocalUpdate` whose ``num_examples`` counts the examples its scalars were
+        computed from this round. :mod:`edge_client.engines.mezo` is the reference.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from edge_client.space import ParameterSpace
+from protocol.limits import MAX_EXAMPLES
 
 __all__ = ["Engine", "EngineError", "LocalUpdate", "RoundPlan", "BatchSource", "ProgressFn"]
 
@@ -49,13 +51,31 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class LocalUpdate:
-    """An engine's result: one scalar per seed, in the task's seed order."""
+    """An engine's result: one scalar per seed, in the task's seed order.
+
+    Attributes:
+        pairs: ``(seed, projected gradient)`` in the task's seed order.
+        num_examples: the number of training examples the scalars were computed from in
+            this round (for MeZO: local steps x batch size), not the size of the client's
+            dataset. The daemon sends it as the update's ``num_examples`` (PROTOCOL.md),
+            the weight the ``"mean"`` aggregation gives the update.
+        loss_before: mean loss before the local steps.
+        loss_after: mean loss after the local steps.
+        seconds: wall time of the round's local training.
+    """
 
     pairs: tuple[tuple[int, float], ...]
     num_examples: int
     loss_before: float
     loss_after: float
     seconds: float
+
+    def __post_init__(self) -> None:
+        # Refused here, an engine's bad count is a failed round (the daemon logs it and
+        # sends nothing), not an update the codec cannot encode.
+        count = self.num_examples
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_EXAMPLES:
+            raise EngineError(f"num_examples must be an int in [1, {MAX_EXAMPLES}], got {count!r}")
 
 
 class BatchSource(Protocol):
