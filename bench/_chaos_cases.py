@@ -10,7 +10,8 @@
 * :data:`HOSTILE_CASES`, :func:`run_hostile_case`, :func:`fresh_client_latency` --
   hostile frames over real websockets and raw sockets.
 * :func:`open_idle_connections`, :func:`count_held` -- websocket connections that finish
-  the opening handshake and then say nothing.
+  the opening handshake and then say nothing; :func:`fresh_client_round` -- a protocol
+  client (no model) that says hello and trains one round, to show it is still served.
 * :func:`rss_mb` -- a process's resident set size from ``/proc/<pid>/status``.
 
 Nothing here imports torch: client processes load the model themselves.
@@ -52,10 +53,13 @@ from protocol.messages import (  # noqa: E402
     Error,
     Goodbye,
     Hello,
+    Fingerprint,
     Message,
     Reject,
     RoundCommit,
+    RoundTask,
     Update,
+    UpdateAck,
     Welcome,
 )
 
@@ -70,6 +74,7 @@ __all__ = [
     "TinySettings",
     "count_held",
     "fresh_client_latency",
+    "fresh_client_round",
     "integrity_check",
     "kill_campaign",
     "lost_rounds",
@@ -842,6 +847,40 @@ async def run_hostile_case(url: str, port: int, case: HostileCase, timeout: floa
     except Exception as error:
         return CaseResult(case, False, f"{got}; no fresh challenge: {type(error).__name__}", None)
     return CaseResult(case, passed, got, served)
+
+
+async def fresh_client_round(url: str, client_id: str, *, local_host: str | None = None,
+                             timeout: float = 10.0) -> tuple[float, float]:
+    """A brand-new protocol client (no model: its update is made-up scalars) says hello,
+    reports its fingerprint, takes the round's task, answers it and reads the commit.
+    Returns (seconds to its welcome, seconds to the commit); raises if any step fails or
+    takes longer than ``timeout``."""
+    from websockets.asyncio.client import connect
+
+    started = time.monotonic()
+    kwargs: dict[str, Any] = {"local_addr": (local_host, 0)} if local_host else {}
+    async with connect(url, open_timeout=timeout, compression=None, **kwargs) as ws:
+        async def expect(kind: type[Message]) -> Any:
+            message = codec.decode(await asyncio.wait_for(ws.recv(), max(0.01, timeout - (time.monotonic() - started))))
+            if not isinstance(message, kind):
+                raise ChaosFailure(f"{client_id}: expected {kind.__name__}, got {message!r:.120}")
+            return message
+
+        await expect(Challenge)
+        await ws.send(codec.encode(hello(client_id)))
+        welcome = await expect(Welcome)
+        welcomed = time.monotonic() - started
+        await ws.send(codec.encode(Fingerprint(round=welcome.last_committed_round, fingerprint="11" * 32,
+                                               table_digest="00" * 32)))
+        task = await expect(RoundTask)
+        await ws.send(codec.encode(Update(round=task.round, attempt=task.attempt, client_id=client_id,
+                                          pairs=tuple((seed, 0.5) for seed in task.seeds), num_examples=4,
+                                          loss_before=2.0, loss_after=1.9, nonce=os.urandom(16), signature=None)))
+        await expect(UpdateAck)
+        commit = await expect(RoundCommit)
+        if commit.round != task.round:
+            raise ChaosFailure(f"{client_id}: commit of round {commit.round}, trained {task.round}")
+        return welcomed, time.monotonic() - started
 
 
 # ------------------------------------------------------------------- idle connections

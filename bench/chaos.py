@@ -12,8 +12,12 @@ Four sections, each against real processes on 127.0.0.1:
    ``--soak`` times while the coordinator's RSS (``/proc/<pid>/status`` VmRSS) is watched.
 2. **Idle connections.** Up to ``--idle`` (5,000) connections finish the websocket
    handshake and say nothing; a fresh client must get its challenge within 1 s. First all
-   from 127.0.0.1 (the coordinator caps connections per address), then spread over
-   loopback addresses under the cap.
+   from 127.0.0.1 (the coordinator caps connections per address, dropping the oldest
+   that has not said hello to make room), then spread over loopback addresses under that
+   cap (the coordinator also caps, over all addresses, the connections that have not said
+   hello). Then, against a coordinator that runs rounds, 127.0.0.1's cap is filled with
+   idle connections and a fresh client from 127.0.0.1 must say hello and train a round
+   (``fresh_client_at_cap_served``).
 3. **SIGKILL.** The coordinator is SIGKILLed ``--kills`` (20) times in a row during a run
    of 3 tiny-model client processes and restarted each time: no committed round may be
    lost or changed, ``PRAGMA integrity_check`` must say ok, the clients come back on
@@ -22,8 +26,11 @@ Four sections, each against real processes on 127.0.0.1:
    sign-flipping client (x100) under the default trimmed mean, and the same under the
    plain mean. The final held-out losses are compared with the clean run's.
 
-Prints a table per section and, as the very last line of stdout, one JSON object.
-``--skip-poison``, ``--skip-hostile``, ``--kills 0`` and ``--idle 0`` skip sections.
+Prints a table per section and, as the very last line of stdout, one JSON object; the
+same object, with every row of every table, goes to ``bench/results/chaos.json``
+(``bench/_results.py``). ``--sections idle_connections`` (a comma-separated list of
+hostile, idle_connections, sigkill, poisoning) runs only those; ``--skip-poison``,
+``--skip-hostile``, ``--kills 0`` and ``--idle 0`` skip sections too.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -49,10 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _chaos_cases as cc  # noqa: E402
+from bench._results import write_result  # noqa: E402
 from protocol import codec  # noqa: E402
 from protocol.messages import Goodbye, Welcome  # noqa: E402
 
 TARGET_POISON_RATIO = 1.10
+SECTIONS = ("hostile", "idle_connections", "sigkill", "poisoning")
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Results:
 
     faults: dict[str, list[int]] = field(default_factory=dict)  # section -> [tried, passed]
     figures: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # every row of every table, for bench/results/
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -75,7 +86,7 @@ class Results:
             "faults_passed": sum(p for _, p in self.faults.values()),
         }
         out.update({key: None for key in ("sigkills", "rounds_lost", "idle_connections_held", "rss_growth_mb",
-                                          "poisoned_loss_ratio")})
+                                          "poisoned_loss_ratio", "fresh_client_at_cap_served")})
         out.update(self.figures)
         out["faults_by_section"] = {name: {"tried": t, "passed": p} for name, (t, p) in self.faults.items()}
         if self.notes:
@@ -107,10 +118,11 @@ def open_fds(pid: int) -> int:
 
 
 class ProbeCoordinator:
-    """A coordinator subprocess that never starts a round (min_clients 100), for hostile
-    input and idle connections."""
+    """A coordinator subprocess for hostile input and idle connections. By default it never
+    starts a round (min_clients 100); with ``rounds_for_one`` it runs a round as soon as one
+    client is ready."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, rounds_for_one: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         port_file = workdir / "port"
@@ -119,8 +131,9 @@ class ProbeCoordinator:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "coordinator.cli", "--model-hash", cc.HASH, "--model-name", "probe",
                  "--ledger-path", str(workdir / "ledger.db"), "--port", "0", "--port-file", str(port_file),
-                 "--rounds", "0", "--min-clients", "100", "--seed-pool-size", "64", "--local-steps", "4",
-                 "--log-level", "WARNING"],
+                 "--rounds", "0", "--seed-pool-size", "64", "--local-steps", "4", "--log-level", "WARNING",
+                 *(["--min-clients", "1", "--clients-per-round", "1"] if rounds_for_one else
+                   ["--min-clients", "100"])],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + 30
@@ -214,6 +227,13 @@ async def hostile_section(probe: ProbeCoordinator, results: Results, soak: int) 
     say(f"coordinator RSS {rss_before:.1f} MiB before, {rss_after:.1f} MiB after "
         f"(+{rss_after - rss_before:.1f} MiB); still running: {'yes' if probe.alive() else 'NO'}")
     say()
+    results.details["hostile_cases"] = [
+        {"case": case.name, "expected_reply": case.reply, "expected_code": case.code, "expected_close": case.close,
+         "got": outcomes[case.name].got, "soak_failure": soak_failures.get(case.name),
+         "fresh_client_s": outcomes[case.name].served_after_s,
+         "passed": outcomes[case.name].passed and case.name not in soak_failures}
+        for case in cc.HOSTILE_CASES
+    ]
     results.figures.update(
         hostile_cases=len(cc.HOSTILE_CASES), hostile_cases_passed=passed_cases,
         hostile_connections=len(cc.HOSTILE_CASES) * (soak + 1), slowest_fresh_challenge_ms=round(worst * 1000, 1),
@@ -237,31 +257,84 @@ def configured_cap() -> int | None:
     return cap if isinstance(cap, int) else None
 
 
+def configured_handshake_cap() -> int | None:
+    """The coordinator's cap, over all addresses, on connections that have not said hello."""
+    from coordinator.config import FederationConfig
+
+    declared = FederationConfig.__dataclass_fields__.get("max_connections_in_handshake")
+    cap = getattr(declared, "default", None)
+    return cap if isinstance(cap, int) else None
+
+
 async def _idle_pass(probe: ProbeCoordinator, label: str, count: int, sources: list[str],
                      baseline_fds: int) -> tuple[int, int, int, float | None, str, float, float, float]:
-    """Open, hold, check, close: (opened, refused, held, latency, fresh client's address,
+    """Open, hold, check, close: (opened, failed, held, latency, fresh client's address,
     RSS held, RSS once closed, seconds to open)."""
     started = time.monotonic()
     connections, failed = await cc.open_idle_connections(probe.port, count, sources=sources)
     opened_s = time.monotonic() - started
     rss_held = probe.rss()
+    # Before the fresh client: from a full address it makes room by pushing one of them out.
+    held = cc.count_held(connections)
     latency: float | None = None
     fresh_from = ""
-    for local_host in ("127.0.0.1", "127.0.3.254"):  # a new address if 127.0.0.1 is at its cap
+    for local_host in ("127.0.0.1", "127.0.3.254"):  # a new address if 127.0.0.1 is refused
         try:
             latency = await cc.fresh_client_latency(probe.url, 1.0, local_host=local_host)
             fresh_from = local_host
             break
         except Exception:
             continue
-    held = cc.count_held(connections)  # after the fresh client was served
     for conn in connections:
         conn.sock.close()
     await _settle(probe, baseline_fds)
     return len(connections), failed, held, latency, fresh_from, rss_held, probe.rss(), opened_s
 
 
-async def idle_section(probe: ProbeCoordinator, results: Results, count: int, fd_limit: int) -> None:
+async def fresh_client_at_cap(workdir: Path, results: Results) -> None:
+    """A coordinator that runs rounds; 127.0.0.1's cap filled with idle websockets; then a
+    fresh client from 127.0.0.1 must say hello and train a round."""
+    cap = configured_cap() or 256
+    probe = ProbeCoordinator(workdir / "at-cap", rounds_for_one=True)
+    connections: list[cc.IdleConnection] = []
+    error = ""
+    welcomed: float | None = None
+    committed: float | None = None
+    try:
+        connections, failed = await cc.open_idle_connections(probe.port, cap, sources=["127.0.0.1"])
+        held_before = cc.count_held(connections)
+        try:
+            welcomed, committed = await cc.fresh_client_round(probe.url, "fresh-at-cap", local_host="127.0.0.1")
+        except Exception as failure:  # refused, reset or timed out: not served
+            error = f"{type(failure).__name__}: {failure}"[:300]
+        held_after = cc.count_held(connections)
+        served = committed is not None and probe.alive()
+        results.count("idle_connections", served)
+        say(f"fresh client from 127.0.0.1 with its cap of {cap} full of idle websockets ({held_before} held, "
+            f"{failed} failed to open): " + (f"welcomed in {welcomed * 1000:.1f} ms, its round committed in "
+                                             f"{committed * 1000:.1f} ms" if served and welcomed is not None
+                                             and committed is not None else f"NOT SERVED ({error})")
+            + f"; idle connections held after it: {held_after}")
+        results.figures.update(
+            fresh_client_at_cap_served=served,
+            fresh_client_at_cap_welcome_ms=None if welcomed is None else round(welcomed * 1000, 1),
+            fresh_client_at_cap_round_ms=None if committed is None else round(committed * 1000, 1),
+        )
+        results.details["fresh_client_at_cap"] = {
+            "cap": cap, "idle_opened": len(connections), "idle_failed": failed, "idle_held_before": held_before,
+            "idle_held_after": held_after, "served": served, "welcome_s": welcomed, "round_s": committed,
+            "error": error or None,
+        }
+        if not probe.alive():
+            results.errors.append("the at-cap coordinator died:\n" + probe.log_path.read_text()[-1500:])
+    finally:
+        for conn in connections:
+            conn.sock.close()
+        probe.close()
+
+
+async def idle_section(probe: ProbeCoordinator, results: Results, count: int, fd_limit: int,
+                       workdir: Path) -> None:
     say("== 2. idle connections " + "=" * 53)
     count = min(count, fd_limit - 256)  # this process holds one descriptor per connection
     baseline_fds = open_fds(probe.pid)
@@ -269,9 +342,11 @@ async def idle_section(probe: ProbeCoordinator, results: Results, count: int, fd
     if "rss_before_mb" not in results.figures:
         results.figures["rss_before_mb"] = round(rss_start, 1)
     declared = configured_cap()
-    say(f"file descriptor limit {fd_limit} (raised before the coordinator was spawned); per-address cap "
-        f"declared by the coordinator's code: {declared if declared is not None else 'none found'}")
-    say(f"{'from':<28} {'asked':>6} {'opened':>7} {'refused':>8} {'held':>6} {'fresh client':>13} "
+    declared_handshake = configured_handshake_cap()
+    say(f"file descriptor limit {fd_limit} (raised before the coordinator was spawned); caps declared by the "
+        f"coordinator's code: per address {declared if declared is not None else 'none found'}, connections "
+        f"that have not said hello {declared_handshake if declared_handshake is not None else 'none found'}")
+    say(f"{'from':<28} {'asked':>6} {'opened':>7} {'failed':>8} {'held':>6} {'fresh client':>13} "
         f"{'RSS held':>9} {'open s':>7}")
     rows: list[tuple[str, int, int, int, float | None, str, float, float, float]] = []
 
@@ -286,8 +361,8 @@ async def idle_section(probe: ProbeCoordinator, results: Results, count: int, fd
         results.count("idle_connections", latency is not None and probe.alive())
 
     await run_pass("one address (127.0.0.1)", ["127.0.0.1"])
-    single_held, single_refused = rows[0][3], rows[0][2]
-    measured_cap = single_held if single_refused else None  # what one address was actually allowed
+    single_held = rows[0][3]
+    measured_cap = single_held if single_held < count else None  # what one address was actually allowed
     per_source = max(1, measured_cap - 6) if measured_cap else count
     spread = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(-(-count // per_source))]
     if len(spread) > 1:
@@ -297,35 +372,49 @@ async def idle_section(probe: ProbeCoordinator, results: Results, count: int, fd
         await run_pass("127.0.0.1, again", ["127.0.0.1"])
     rss_closed = [row[7] for row in rows]
     peak_rss = max(row[6] for row in rows)
+    say("opened: upgraded to a websocket (101); failed: refused, reset or dropped during the upgrade; held: still "
+        "open once all were opened, before the fresh client came (the coordinator drops the oldest that has not "
+        "said hello to make room)")
     if any(row[5] not in ("", "127.0.0.1") for row in rows):
-        say("* from a fresh address: 127.0.0.1 was at its per-address cap")
+        say("* from a fresh address: 127.0.0.1 was refused")
     say(f"coordinator RSS {rss_start:.1f} MiB before, {peak_rss:.1f} MiB at most while holding them; once they "
         f"were closed: " + ", ".join(f"{r:.1f}" for r in rss_closed) + " MiB after each pass (the allocator keeps "
         f"what the connections needed; the last pass added {rss_closed[-1] - rss_closed[-2]:+.1f} MiB)")
-    say()
     spread_held = rows[1][3]
     results.figures.update(
         idle_connections_asked=count, idle_connections_held=single_held,
         idle_connections_held_spread=spread_held if len(spread) > 1 else None,
         idle_connections_cap_per_address=measured_cap, idle_connections_cap_declared=declared,
+        idle_connections_cap_in_handshake_declared=declared_handshake,
         rss_idle_held_mb=round(peak_rss, 1), rss_after_idle_mb=round(rss_closed[-1], 1),
         rss_idle_second_pass_growth_mb=round(rss_closed[-1] - rss_closed[-2], 1),
     )
+    results.details["idle_passes"] = [
+        {"from": label, "asked": count, "opened": opened, "failed": failed, "held": held,
+         "fresh_client_s": latency, "fresh_client_from": fresh_from or None, "rss_held_mb": round(rss_held, 1),
+         "rss_closed_mb": round(rss_closed_pass, 1), "open_s": round(opened_s, 2)}
+        for label, opened, failed, held, latency, fresh_from, rss_held, rss_closed_pass, opened_s in rows
+    ]
     if measured_cap is not None:
         results.notes.append(
             f"idle_connections_held={single_held}: the coordinator holds at most {measured_cap} connections from "
-            f"one address and refused the other {single_refused} at accept (per-address cap, declared "
-            f"{declared}). Spread over {len(spread)} loopback addresses {spread_held} of {count} were held "
-            f"(idle_connections_held_spread). A fresh client got its challenge within 1 s every time.")
+            f"one address; of the {rows[0][1]} that were upgraded it dropped the oldest that had not said hello "
+            f"as newer ones came (per-address cap, declared {declared}). Spread over {len(spread)} loopback "
+            f"addresses {spread_held} of {count} were held (idle_connections_held_spread; the cap on connections "
+            f"that have not said hello, over all addresses, is {declared_handshake}). A fresh client got its "
+            f"challenge within 1 s every time.")
+    await fresh_client_at_cap(workdir, results)
+    say()
 
 
-async def probe_sections(workdir: Path, results: Results, args: argparse.Namespace, fd_limit: int) -> None:
+async def probe_sections(workdir: Path, results: Results, sections: set[str], args: argparse.Namespace,
+                         fd_limit: int) -> None:
     probe = ProbeCoordinator(workdir / "probe")
     try:
-        if not args.skip_hostile:
+        if "hostile" in sections:
             await hostile_section(probe, results, args.soak)
-        if args.idle > 0:
-            await idle_section(probe, results, args.idle, fd_limit)
+        if "idle_connections" in sections:
+            await idle_section(probe, results, args.idle, fd_limit, workdir)
         # growth: the highest RSS measured after the hostile cases and with the idle connections open
         before = results.figures.get("rss_before_mb")
         points = [results.figures[k] for k in ("rss_after_hostile_mb", "rss_idle_held_mb") if k in results.figures]
@@ -375,6 +464,7 @@ def kill_section(workdir: Path, results: Results, kills: int, seed: int) -> None
         f"{'yes' if report.fingerprints_agree else 'NO'} ({len(set(report.final_fingerprints.values()))} distinct "
         f"of {len(report.final_fingerprints)} at the end), wall {report.wall_s:.0f}s")
     say()
+    results.details["sigkills"] = [dataclasses.asdict(record) for record in report.kills]
     results.figures.update(
         sigkills=len(report.kills), rounds_lost=report.rounds_lost, sigkill_rounds=report.final_round,
         sigkill_integrity_ok=bool(report.kills) and all(
@@ -448,6 +538,7 @@ def poison_section(workdir: Path, results: Results, rounds: int, model: str) -> 
         value = summaries.get(name, {}).get("eval_loss_after")
         return float(value) if value is not None else None
 
+    results.details["poisoning_runs"] = summaries
     clean, robust, mean = after("clean"), after("robust"), after("mean")
     robust_ratio = robust / clean if robust is not None and clean else None
     mean_ratio = mean / clean if mean is not None and clean else None
@@ -477,6 +568,8 @@ def poison_section(workdir: Path, results: Results, rounds: int, model: str) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench/chaos.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), type=_sections,
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs of the coordinator (0: skip the section)")
     parser.add_argument("--idle", type=int, default=5000, help="idle connections to open (0: skip the section)")
     parser.add_argument("--skip-poison", action="store_true", help="skip the SmolLM2-135M poisoning runs")
@@ -489,6 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, default=None, help="work directory (default: a new one in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, ledgers)")
     return parser
+
+
+def _sections(text: str) -> set[str]:
+    chosen = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = chosen - set(SECTIONS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(sorted(unknown)) or '(none given)'}; "
+                                         f"choose from {', '.join(SECTIONS)}")
+    return chosen
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -509,20 +611,26 @@ def main(argv: list[str] | None = None) -> int:
     say()
     results = Results()
     started = time.monotonic()
+    sections = set(args.sections)
+    for name, skipped in (("hostile", args.skip_hostile), ("idle_connections", args.idle <= 0),
+                          ("sigkill", args.kills <= 0), ("poisoning", args.skip_poison)):
+        if skipped:
+            sections.discard(name)
     try:
-        if not args.skip_hostile or args.idle > 0:
+        if sections & {"hostile", "idle_connections"}:
             try:
-                asyncio.run(probe_sections(workdir, results, args, fd_limit))
+                asyncio.run(probe_sections(workdir, results, sections, args, fd_limit))
             except cc.ChaosFailure as failure:
                 results.errors.append(str(failure)[:3000])
-        if args.kills > 0:
+        if "sigkill" in sections:
             kill_section(workdir, results, args.kills, args.seed)
-        if not args.skip_poison:
+        if "poisoning" in sections:
             poison_section(workdir, results, args.poison_rounds, args.poison_model)
     finally:
         if not args.keep and args.run_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     summary = results.summary()
+    summary["sections"] = [name for name in SECTIONS if name in sections]
     summary["wall_s"] = round(time.monotonic() - started, 1)
     say("== summary " + "=" * 66)
     for section, (tried, passed) in results.faults.items():
@@ -535,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"note: {note}")
     for error in results.errors:
         say(f"error: {error}")
+    path = write_result("chaos", summary, results.details)
+    say(f"full result: {path}")
     print(json.dumps(summary), flush=True)
     return 0 if not results.errors and summary["faults_tried"] == summary["faults_passed"] else 1
 

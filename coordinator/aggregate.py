@@ -12,8 +12,12 @@ clips the rest to ``[-clip, clip]``, caps each client's ``num_examples`` weight 
   cannot buy the median with a large self-reported ``num_examples``).
 * ``"mean"``: the example-weighted mean (FedAvg weighting, McMahan et al. 2017).
 
-With fewer than three finite values the robust methods fall back to the (clipped,
-capped) weighted mean; a seed with no finite value combines to 0.0. The coefficient
+With fewer than three finite values for a seed the robust methods cannot trim or take a
+meaningful median, so they fall back to the **unweighted** mean of the clipped values:
+``num_examples`` is self-reported, and with two values a client claiming 10,000 examples
+would otherwise decide the seed. A seed with no finite value combines to 0.0. The
+report says how many values the thinnest seed had (``values_min``) and whether the
+robust method was in force for every seed (``robust``). The coefficient
 clients apply is ``a_s = fl32(-learning_rate * g_s)``. All arithmetic is float64 in a
 fixed order, so the result does not depend on the order the updates arrive in.
 """
@@ -31,13 +35,16 @@ from protocol.messages import Update
 from protocol.table import fl32
 
 __all__ = [
-    "METHODS", "AggregationReport", "AggregationRule", "RuleError", "aggregate", "aggregate_with_report", "as_rule",
+    "METHODS", "ROBUST_METHODS", "ROBUST_MIN_VALUES", "AggregationReport", "AggregationRule", "RuleError",
+    "aggregate", "aggregate_with_report", "as_rule", "log_report",
 ]
 
 logger = logging.getLogger(__name__)
 
 METHODS: Final = ("trimmed_mean", "median", "mean")
-# Fewer finite values than this and the robust methods use the weighted mean instead.
+# The methods that bound what a minority of clients can do, given enough values.
+ROBUST_METHODS: Final = ("trimmed_mean", "median")
+# Fewer finite values than this and the robust methods use the clipped unweighted mean instead.
 ROBUST_MIN_VALUES: Final = 3
 # The largest clip allowed: far beyond any real projected gradient, and small enough that
 # no float64 sum of clipped values times capped weights can overflow.
@@ -110,14 +117,19 @@ class AggregationRule:
         ``values`` are in client_id order, and every weight is >= 1: that order breaks
         ties between equal values and fixes the order of every sum. Non-finite values
         are dropped, the rest clipped to [-clip, clip], weights capped at
-        ``max_examples``; no finite value left combines to 0.0.
+        ``max_examples``; no finite value left combines to 0.0. A robust method with
+        fewer than ROBUST_MIN_VALUES values left takes their unweighted mean.
         """
         kept = [(min(weight, self.max_examples), min(max(value, -self.clip), self.clip))
                 for weight, value in values if math.isfinite(value)]
         if not kept:
             return 0.0
-        if self.method == "mean" or len(kept) < ROBUST_MIN_VALUES:
+        if self.method == "mean":
             return _weighted_mean(kept)
+        if len(kept) < ROBUST_MIN_VALUES:
+            # Nothing to trim and no majority: one vote per client, as the median gives,
+            # so a self-reported num_examples cannot decide the seed.
+            return _weighted_mean([(1, value) for _, value in kept])
         ranked = sorted(range(len(kept)), key=lambda index: (kept[index][1], index))
         if self.method == "median":
             middle = len(ranked) // 2
@@ -149,6 +161,10 @@ class AggregationReport:
         clipped: finite values with |g| > clip, set to ±clip, over all seeds.
         capped: updates whose ``num_examples`` exceeded ``max_examples``.
         empty_seeds: seeds with no finite value (combined to 0.0).
+        values_min: the fewest finite values any seed was combined from.
+        robust: the method is robust (``ROBUST_METHODS``) and every seed had at least
+            ``ROBUST_MIN_VALUES`` finite values, so the method itself, not its fallback,
+            combined every seed.
     """
 
     coefficients: list[tuple[int, float]]
@@ -156,6 +172,8 @@ class AggregationReport:
     clipped: int
     capped: int
     empty_seeds: int
+    values_min: int
+    robust: bool
 
 
 def as_rule(rule: AggregationRule | str) -> AggregationRule:
@@ -188,6 +206,7 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
     by_client = [(update.client_id, update.num_examples, dict(update.pairs)) for update in ordered]
     coefficients: list[tuple[int, float]] = []
     dropped = clipped = empty_seeds = 0
+    values_min = len(by_client)
     for seed in seeds:
         values: list[tuple[int, float]] = []
         for client_id, num_examples, pairs in by_client:
@@ -198,9 +217,11 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
         dropped += len(values) - len(finite)
         clipped += sum(1 for magnitude in finite if magnitude > rule.clip)
         empty_seeds += not finite
+        values_min = min(values_min, len(finite))
         coefficients.append((seed, fl32(-learning_rate * rule.combine(values))))
     capped = sum(1 for update in updates if update.num_examples > rule.max_examples)
-    return AggregationReport(coefficients, dropped, clipped, capped, empty_seeds)
+    robust = rule.method in ROBUST_METHODS and values_min >= ROBUST_MIN_VALUES
+    return AggregationReport(coefficients, dropped, clipped, capped, empty_seeds, values_min, robust)
 
 
 def aggregate(seeds: Sequence[int], updates: Sequence[Update], learning_rate: float,
@@ -214,10 +235,16 @@ def aggregate(seeds: Sequence[int], updates: Sequence[Update], learning_rate: fl
         TableError: a coefficient that overflows float32.
     """
     report = aggregate_with_report(seeds, updates, learning_rate, rule)
+    log_report(report)
+    return report.coefficients
+
+
+def log_report(report: AggregationReport) -> None:
+    """Log what the rule had to do to the values: a warning for non-finite values
+    dropped, an info line for values clipped and weights capped."""
     if report.dropped or report.empty_seeds:
         logger.warning("aggregation dropped %d non-finite values; %d seeds had none left (coefficient 0)",
                        report.dropped, report.empty_seeds)
     if report.clipped or report.capped:
         logger.info("aggregation clipped %d values, capped the weight of %d updates",
                     report.clipped, report.capped)
-    return report.coefficients

@@ -24,7 +24,11 @@ _OVERRIDES = {
     "min_clients": int, "deadline_s": float, "commit_wait_s": float, "ledger_path": str, "host": str,
     "port": int, "lora_rank": int, "lora_init_seed": int, "allowlist": str, "tls_cert": str, "tls_key": str,
     "aggregation": str, "aggregation_trim": float, "aggregation_clip": float, "aggregation_max_examples": int,
-    "max_connections_per_address": int,
+    "max_connections_per_address": int, "max_connections_in_handshake": int,
+}
+_HELP = {
+    "quorum": "updates a round needs to commit at its deadline (default: a majority of --clients-per-round, "
+              "and at least 3 where it allows under a robust aggregation)",
 }
 
 
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="federation TOML file (see coordinator/config.py)")
     for name, kind in _OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
-                            help=f"override {name}")
+                            help=_HELP.get(name, f"override {name}"))
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="serve plain ws:// even on a non-loopback host (not recommended)")
     parser.add_argument("--port-file", type=Path, help="write the listening port here once serving")

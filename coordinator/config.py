@@ -26,7 +26,7 @@ Example (every key optional except where noted)::
 
     [rounds]
     clients_per_round = 3
-    quorum = 2
+    quorum = 3                  # updates to commit at the deadline; default: default_quorum()
     deadline_s = 600
     min_clients = 3
 
@@ -37,6 +37,8 @@ Example (every key optional except where noted)::
     tls_cert = "certs/server.pem"   # wss://, required beyond loopback ...
     tls_key = "certs/server.key"    # (edgefed-keys tls-init --dir certs --host ADDRESS)
     insecure = false            # ... unless this is true
+    max_connections_per_address = 256    # open TCP connections one IP address may hold
+    max_connections_in_handshake = 1024  # connections, over all addresses, not past their hello
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.aggregate import AggregationRule, RuleError
+from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, AggregationRule, RuleError
 from coordinator.tls import TlsError, check_transport
 from protocol import limits
 
-__all__ = ["ConfigError", "FederationConfig", "load_config"]
+__all__ = ["ConfigError", "FederationConfig", "default_quorum", "load_config"]
 
 # Seed pairs in one sync_response: each costs at most 19 bytes on the wire (fixarray,
 # uint64, float64), so this keeps a sync under limits.MAX_FRAME_BYTES with room to spare.
@@ -94,7 +96,9 @@ class FederationConfig:
         batch_size, max_seq_len: the clients' batch shape.
         rounds: rounds to run (0 = until stopped).
         clients_per_round: clients asked to train in a round.
-        quorum: updates needed to commit at the deadline.
+        quorum: updates needed to commit at the deadline; None (the default) takes
+            :func:`default_quorum`, which keeps a robust method in force. Read
+            :attr:`commit_quorum` for the value in force.
         min_clients: connected clients needed before a round opens.
         deadline_s: seconds a round waits for its updates.
         commit_wait_s: seconds to wait for fingerprints after a commit before the next round.
@@ -104,9 +108,15 @@ class FederationConfig:
             join, nothing is authenticated: local federations only).
         tls_cert, tls_key: PEM certificate and key to serve wss://.
         insecure: allow plain ws:// on a non-loopback host.
-        max_connections_per_address: open TCP connections one IP address may hold; more
-            are refused as soon as they are accepted (a local federation runs every
-            client from 127.0.0.1, hence the generous default).
+        max_connections_per_address: open TCP connections one IP address may hold (a
+            local federation runs every client from 127.0.0.1, hence the generous
+            default). At the cap a new connection makes room by dropping the oldest one
+            of that address that has not said hello yet, so idle connections cannot lock
+            out the honest devices behind one NAT; it is refused at accept only when all
+            of them have said hello.
+        max_connections_in_handshake: connections, over all addresses, that have not
+            said hello yet; at the cap the oldest of them is dropped to make room, so
+            connections from many addresses (an IPv6 prefix) cannot exhaust the process.
     """
 
     model_hash: str
@@ -132,7 +142,7 @@ class FederationConfig:
     max_seq_len: int = 128
     rounds: int = 10
     clients_per_round: int = 3
-    quorum: int = 2
+    quorum: int | None = None
     min_clients: int = 1
     deadline_s: float = 600.0
     commit_wait_s: float = 0.0
@@ -144,6 +154,7 @@ class FederationConfig:
     tls_key: str | None = None
     insecure: bool = False
     max_connections_per_address: int = 256
+    max_connections_in_handshake: int = 1024
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -186,25 +197,39 @@ class FederationConfig:
         for key in ("learning_rate", "epsilon", "deadline_s"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "must be a finite number > 0")
-        for key in ("batch_size", "max_seq_len", "clients_per_round", "quorum", "min_clients"):
+        for key in ("batch_size", "max_seq_len", "clients_per_round", "min_clients"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
-        if self.quorum > self.clients_per_round:
-            raise bad("quorum", "cannot exceed clients_per_round")
+        if self.quorum is not None and not 1 <= self.quorum <= self.clients_per_round:
+            raise bad("quorum", f"must be between 1 and clients_per_round ({self.clients_per_round})")
         if self.rounds < 0:
             raise bad("rounds", "must be >= 0")
         if self.commit_wait_s < 0:
             raise bad("commit_wait_s", "must be >= 0")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port")
-        if not 1 <= self.max_connections_per_address <= 1_000_000:
-            raise bad("max_connections_per_address", "must be between 1 and 1000000")
+        for key in ("max_connections_per_address", "max_connections_in_handshake"):
+            if not 1 <= getattr(self, key) <= 1_000_000:
+                raise bad(key, "must be between 1 and 1000000")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise bad("tls_cert", "tls_cert and tls_key go together")
         try:
             check_transport(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         except TlsError as error:
             raise ConfigError(str(error)) from None
+
+    @property
+    def commit_quorum(self) -> int:
+        """Updates a round needs to commit at its deadline: ``quorum``, or when that is
+        not set, :func:`default_quorum`."""
+        return self.quorum if self.quorum is not None else default_quorum(self.aggregation, self.clients_per_round)
+
+    @property
+    def quorum_defeats_robustness(self) -> bool:
+        """An explicit quorum lets a round of a robust method commit on fewer values than
+        the method needs, although ``clients_per_round`` could supply them."""
+        return (self.aggregation in ROBUST_METHODS and self.clients_per_round >= ROBUST_MIN_VALUES
+                and self.commit_quorum < ROBUST_MIN_VALUES)
 
     @property
     def aggregation_rule(self) -> AggregationRule:
@@ -223,6 +248,17 @@ class FederationConfig:
             "rebase_every": str(self.rebase_every),
             "seed_pool_size": str(self.seed_pool_size),
         }
+
+
+def default_quorum(aggregation: str, clients_per_round: int) -> int:
+    """The quorum when the config sets none. A robust method needs ROBUST_MIN_VALUES
+    values per seed to trim or take a median, so its rounds wait for that many updates
+    where clients_per_round allows (and for a majority of a larger round); the plain mean
+    needs a majority only."""
+    majority = max(1, math.ceil(clients_per_round / 2))
+    if aggregation in ROBUST_METHODS:
+        return min(clients_per_round, max(ROBUST_MIN_VALUES, majority))
+    return majority
 
 
 # AggregationRule parameter -> the FederationConfig field that sets it
@@ -250,7 +286,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     },
     "server": {"host": "host", "port": "port", "allowlist": "allowlist", "tls_cert": "tls_cert",
                "tls_key": "tls_key", "insecure": "insecure",
-               "max_connections_per_address": "max_connections_per_address"},
+               "max_connections_per_address": "max_connections_per_address",
+               "max_connections_in_handshake": "max_connections_in_handshake"},
 }
 
 

@@ -5,6 +5,13 @@ welcome/reject) and then relays messages between the socket and the round driver
 rules of a round live in :mod:`protocol.round`, the arithmetic in
 :mod:`coordinator.aggregate`, storage in :mod:`coordinator.ledger`. A plain HTTP GET on
 ``/status`` of the same port returns the federation's state as JSON.
+
+Connections are metered and gated here too (:class:`MeteredConnection`,
+:class:`ConnectionGate`): every byte each connection reads from and writes to its
+transport is counted (websocket frames of both directions, the opening handshake
+included; permessage-deflate is off, so these are the bytes on the socket, below TLS),
+and accepted connections are capped per address and, while they have not said hello,
+over all addresses.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from coordinator.aggregate import aggregate
+from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, aggregate_with_report, log_report
 from coordinator.allowlist import (
     OPEN_MODE_WARNING,
     Allowlist,
@@ -65,14 +72,15 @@ from protocol.round import RoundMachine, RoundState, UpdateRefused
 from protocol.seeds import pool_seed
 from protocol.table import TableError, table_digest
 
-__all__ = ["Coordinator"]
+__all__ = ["ConnectionGate", "Coordinator", "MeteredConnection"]
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 30.0  # a client that does not say hello within this is dropped
 SEND_TIMEOUT_S = 30.0  # a client whose connection does not take a message within this is dropped
 # Connection limits (issue #10; PROTOCOL.md §2). Module constants so tests can shorten them;
-# the per-address connection cap is FederationConfig.max_connections_per_address.
+# the connection caps are FederationConfig.max_connections_per_address and
+# max_connections_in_handshake.
 OPEN_TIMEOUT_S = 10.0  # the HTTP upgrade must be complete within this (a dribbled request is dropped)
 PING_INTERVAL_S = 20.0  # keepalive ping period (PROTOCOL.md §2)
 PING_TIMEOUT_S = 60.0  # a peer that leaves a ping unanswered this long is dropped
@@ -80,6 +88,7 @@ CLOSE_TIMEOUT_S = 10.0  # a close not completed within this aborts the TCP conne
 MAX_QUEUED_FRAMES = 4  # received frames buffered per connection while its handler is busy (each <= 4 MiB)
 MAX_ABS_LOSS = 1e30  # a reported loss beyond this is refused: summing such losses overflows the round's mean
 FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
+ROUND_METERS_KEPT = 64  # per-round figures kept for /status (it shows the last 51 rounds)
 
 
 @dataclass
@@ -87,7 +96,7 @@ class ClientSession:
     """What the coordinator knows about one connected client."""
 
     client_id: str
-    connection: ServerConnection
+    connection: MeteredConnection
     device: DeviceProfile
     mode: str
     round: int  # the last round this client holds (reported by fingerprint or hello)
@@ -100,10 +109,35 @@ class ClientSession:
     flagged: bool = False
     last_loss_before: float | None = None
     last_loss_after: float | None = None
-    bytes_received: int = 0  # every frame this client sent since it connected, framing included
-    round_bytes: dict[int, int] = field(default_factory=dict)  # update + fingerprint frames per round
     rounds_participated: int = 0  # updates accepted from it
-    trained_rounds: set[int] = field(default_factory=set)
+    # The connection's byte counts at the last commit: what came after belongs to the next round.
+    wire_mark_up: int = 0
+    wire_mark_down: int = 0
+
+    def take_wire_bytes(self) -> tuple[int, int]:
+        """Bytes (received, sent) on this client's connection since the last call (or
+        since it connected), and start counting afresh."""
+        up, down = self.connection.wire_bytes_up, self.connection.wire_bytes_down
+        taken = (up - self.wire_mark_up, down - self.wire_mark_down)
+        self.wire_mark_up, self.wire_mark_down = up, down
+        return taken
+
+
+@dataclass(frozen=True)
+class RoundMeter:
+    """What this coordinator process measured about a round it committed.
+
+    Attributes:
+        wire_bytes_up, wire_bytes_down: bytes received from / sent to the clients that
+            trained the round, on their connections, between the previous commit and this one.
+        values_min: the fewest finite values any seed of the round was combined from.
+        robust: the configured method is robust and every seed had enough values for it.
+    """
+
+    wire_bytes_up: int
+    wire_bytes_down: int
+    values_min: int
+    robust: bool
 
 
 class Coordinator:
@@ -128,6 +162,10 @@ class Coordinator:
         self.pool_key = int(stored_pool_key or 0)
         self.sessions: dict[str, ClientSession] = {}
         self.machine: RoundMachine | None = None
+        self.gate = ConnectionGate(config.max_connections_per_address, config.max_connections_in_handshake)
+        self._round_meters: dict[int, RoundMeter] = {}  # rounds this process committed, the last few
+        # client_id -> (wire bytes of the rounds it trained, rounds it trained), in this process
+        self._client_wire: dict[str, tuple[int, int]] = {}
         self._assigned: dict[str, ClientSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()  # any session / round change wakes the driver
@@ -179,7 +217,11 @@ class Coordinator:
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S,
             close_timeout=CLOSE_TIMEOUT_S,
-            create_connection=_connection_class(self.config.max_connections_per_address),
+            # Off: frames carry float32 scalars and hashes, which barely compress, and
+            # deflate would cost CPU on every frame (and make frame bytes differ from
+            # socket bytes in /status).
+            compression=None,
+            create_connection=_connection_class(self.gate),
         ) as server:
             self._server = server
             self.port = next(iter(server.sockets)).getsockname()[1]
@@ -190,6 +232,11 @@ class Coordinator:
                 logger.warning(OPEN_MODE_WARNING)
             else:
                 logger.info("allow-list mode: %d client keys", len(self.allowlist))
+            if self.config.quorum_defeats_robustness:
+                logger.warning("quorum %d is below %d: a round of aggregation '%s' that commits on fewer than %d "
+                               "updates uses the clipped unweighted mean, which one client can move",
+                               self.config.commit_quorum, ROBUST_MIN_VALUES, self.config.aggregation,
+                               ROBUST_MIN_VALUES)
             driver = asyncio.create_task(self._drive_rounds())
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait({driver, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +329,7 @@ class Coordinator:
         rng = random.Random(f"clients:{self.pool_key}:{round_number}:{attempt}")
         chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
         seeds = self._seeds_for(round_number, attempt)
-        quorum = min(config.quorum, len(chosen))
+        quorum = min(config.commit_quorum, len(chosen))
         machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum)
         self.machine = machine
         task = RoundTask(
@@ -315,16 +362,17 @@ class Coordinator:
             self._release(chosen)
             return False
         try:
-            coefficients = aggregate(machine.seeds, updates, config.learning_rate, config.aggregation_rule)
+            report = aggregate_with_report(machine.seeds, updates, config.learning_rate, config.aggregation_rule)
         except TableError as error:
             logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
             self._release(chosen)
             return False
+        log_report(report)
         contributions = [
             Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after, tuple(u.pairs)) for u in updates
         ]
         try:
-            record = self.ledger.commit_round(round_number, attempt, coefficients, contributions)
+            record = self.ledger.commit_round(round_number, attempt, report.coefficients, contributions)
             self.replay_guard.committed(round_number)
         except (LedgerError, TableError) as error:
             # Nothing was written: abandon this attempt, keep serving, retry with new seeds.
@@ -332,9 +380,15 @@ class Coordinator:
             self._release(chosen)
             return False
         machine.committed()
+        # Before the commit goes out: its frame, and all that follows, belongs to the next round.
+        self._meter_round(round_number, {u.client_id for u in updates}, report.values_min, report.robust)
         self._release(chosen)
         logger.info("round %d committed: %d updates, loss %.4f -> %.4f", round_number, record.num_updates,
                     record.loss_before or float("nan"), record.loss_after or float("nan"))
+        if config.aggregation in ROBUST_METHODS and not report.robust:
+            logger.warning("round %d committed with only %d values for some seed; the robust method '%s' needs %d, "
+                           "so this round used the clipped unweighted mean", round_number, report.values_min,
+                           config.aggregation, ROBUST_MIN_VALUES)
         commit = RoundCommit(
             round=record.round, attempt=record.attempt, coefficients=record.coefficients, totals=record.totals,
             table_digest=record.table_digest, num_updates=record.num_updates,
@@ -342,6 +396,26 @@ class Coordinator:
         await self._broadcast(list(self.sessions.values()), commit)
         self._poke()
         return True
+
+    def _meter_round(self, round_number: int, trainers: set[str], values_min: int, robust: bool) -> None:
+        """Close round ``round_number``'s byte count: the bytes on each trainer's
+        connection(s) since the previous commit are this round's; every other
+        connection starts counting for the next round too."""
+        sessions = {id(s): s for s in (*self.sessions.values(), *self._assigned.values())}
+        by_trainer: dict[str, int] = {}
+        total_up = total_down = 0
+        for session in sessions.values():
+            up, down = session.take_wire_bytes()
+            if session.client_id in trainers:  # a client that reconnected mid-round has two connections
+                by_trainer[session.client_id] = by_trainer.get(session.client_id, 0) + up + down
+                total_up += up
+                total_down += down
+        for client_id, round_bytes in by_trainer.items():
+            so_far, rounds = self._client_wire.get(client_id, (0, 0))
+            self._client_wire[client_id] = (so_far + round_bytes, rounds + 1)
+        self._round_meters[round_number] = RoundMeter(total_up, total_down, values_min, robust)
+        while len(self._round_meters) > ROUND_METERS_KEPT:
+            del self._round_meters[min(self._round_meters)]
 
     def _no_one_left_to_answer(self, machine: RoundMachine) -> bool:
         """Every assigned client that has not answered has lost the connection it got the
@@ -428,20 +502,13 @@ class Coordinator:
                 SEND_TIMEOUT_S)
         await _close(connection, error.close_code, error.error_code)
 
-    async def _receive(self, connection: ServerConnection, timeout: float | None = None,
-                       session: ClientSession | None = None) -> Message:
+    async def _receive(self, connection: ServerConnection, timeout: float | None = None) -> Message:
         frame = await asyncio.wait_for(connection.recv(), timeout)
         if isinstance(frame, str):
             raise _TextFrame()
-        message = codec.decode(frame)
-        if session is not None:
-            size = len(frame) + websocket_frame_overhead(len(frame), masked=True)
-            session.bytes_received += size
-            if isinstance(message, (Update, Fingerprint)):
-                session.round_bytes[message.round] = session.round_bytes.get(message.round, 0) + size
-        return message
+        return codec.decode(frame)
 
-    async def _handle(self, connection: ServerConnection) -> None:
+    async def _handle(self, connection: MeteredConnection) -> None:
         nonce = secrets.token_bytes(32)
         session: ClientSession | None = None
         try:
@@ -460,7 +527,7 @@ class Coordinator:
             if session is None:
                 return
             while True:
-                message = await self._receive(connection, session=session)
+                message = await self._receive(connection)
                 await self._dispatch(session, message)
         except _TextFrame:
             await self._refuse(connection, _text_frame_error())
@@ -480,7 +547,7 @@ class Coordinator:
                                             supported_versions=(limits.PROTOCOL_VERSION,)))
         await connection.close(1002, "unsupported version")
 
-    async def _admit(self, connection: ServerConnection, hello: Message, challenge: Challenge
+    async def _admit(self, connection: MeteredConnection, hello: Message, challenge: Challenge
                      ) -> ClientSession | None:
         if isinstance(hello, Goodbye):  # e.g. the task does not fit the client's memory
             logger.info("peer %s declined to join: %s", connection.remote_address, hello.reason)
@@ -526,6 +593,7 @@ class Coordinator:
                                 challenge=challenge,
                                 public_key=hello.public_key if self.allowlist is not None else None)
         self.sessions[hello.client_id] = session
+        self.gate.said_hello(connection)  # no longer one an idle flood may push out
         try:
             self.ledger.record_client(hello.client_id, json.dumps(asdict(hello.device)), hello.mode)
         except LedgerError as error:  # e.g. a full disk: the registry row is informative, keep serving
@@ -575,7 +643,6 @@ class Coordinator:
             return
         if not outcome.duplicate:
             session.rounds_participated += 1
-            session.trained_rounds.add(update.round)
             session.busy_round = None
             session.last_loss_before = update.loss_before
             session.last_loss_after = update.loss_after
@@ -655,17 +722,36 @@ class Coordinator:
                  "round": s.round,
                  "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
-                 "bytes_received": s.bytes_received, "rounds_participated": s.rounds_participated,
-                 "bytes_per_round": _mean_round_bytes(s)}
+                 "rounds_participated": s.rounds_participated,
+                 "wire_bytes_up": s.connection.wire_bytes_up, "wire_bytes_down": s.connection.wire_bytes_down,
+                 "wire_bytes_per_round": self._wire_bytes_per_round(s.client_id)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.client_id)
             ],
             "rounds": [
                 {"round": r.round, "attempt": r.attempt, "num_updates": r.num_updates,
                  "loss_before": r.loss_before, "loss_after": r.loss_after, "committed_at": r.committed_at,
-                 "fingerprints": len(set(self.ledger.fingerprints(r.round).values()))}
+                 "fingerprints": len(set(self.ledger.fingerprints(r.round).values())),
+                 **self._round_meter_status(r.round)}
                 for r in recent
             ],
+            "aggregation": {"method": self.config.aggregation, "robust_min_values": ROBUST_MIN_VALUES,
+                            "quorum": self.config.commit_quorum},
         }
+
+    def _wire_bytes_per_round(self, client_id: str) -> float | None:
+        """Mean bytes (both directions) on the client's connection per round it trained in
+        this process; None before its first."""
+        total, rounds = self._client_wire.get(client_id, (0, 0))
+        return total / rounds if rounds else None
+
+    def _round_meter_status(self, round_number: int) -> dict[str, Any]:
+        """A round's measured figures for /status; None for each where the round was
+        committed before this process started."""
+        meter = self._round_meters.get(round_number)
+        if meter is None:
+            return {"wire_bytes_up": None, "wire_bytes_down": None, "values_min": None, "robust": None}
+        return {"wire_bytes_up": meter.wire_bytes_up, "wire_bytes_down": meter.wire_bytes_down,
+                "values_min": meter.values_min, "robust": meter.robust}
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] not in ("/status", "/status/"):
@@ -674,19 +760,6 @@ class Coordinator:
         headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                            ("Connection", "close")])
         return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
-
-
-def websocket_frame_overhead(payload: int, *, masked: bool) -> int:
-    """Bytes a websocket frame adds to its payload (RFC 6455 §5.2): 2-byte header, a 2- or
-    8-byte extended length beyond 125 or 65535 bytes, and a 4-byte mask on client frames."""
-    extended = 0 if payload < 126 else 2 if payload < 65536 else 8
-    return 2 + extended + (4 if masked else 0)
-
-
-def _mean_round_bytes(session: ClientSession) -> float | None:
-    """Mean bytes a client sent per round it trained (its update and its fingerprint)."""
-    trained = [session.round_bytes.get(r, 0) for r in session.trained_rounds]
-    return sum(trained) / len(trained) if trained else None
 
 
 class _TextFrame(Exception):
@@ -710,35 +783,155 @@ async def _close(connection: ServerConnection, code: int, reason: str) -> None:
         connection.transport.abort()
 
 
-def _connection_class(per_address: int) -> type[ServerConnection]:
-    """A ServerConnection that counts the open TCP connections of each peer address and
-    aborts one over ``per_address`` as soon as it is accepted, before it costs a handshake:
-    a flood of idle or dribbling connections from one host holds at most that many."""
-    open_from: Counter[str] = Counter()
+class _CountingTransport:
+    """The transport websockets writes through, counting the bytes it is handed (every
+    frame of the connection and the handshake response); everything else is the wrapped
+    transport's."""
 
-    class CappedConnection(ServerConnection):
-        counted: str | None = None
+    def __init__(self, transport: asyncio.Transport, connection: MeteredConnection) -> None:
+        self._transport = transport
+        self._connection = connection
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, tuple) else ""
-            if open_from[address] >= per_address:
-                logger.debug("refusing a connection from %s: it holds %d already", address, per_address)
-                transport.abort()
-                return
-            open_from[address] += 1
-            self.counted = address
-            if open_from[address] == per_address:
-                logger.warning("%s holds %d connections, the most one address may; refusing more",
-                               address, per_address)
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._connection.wire_bytes_down += memoryview(data).nbytes
+        self._transport.write(data)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.counted is not None:
-                open_from[self.counted] -= 1
-                if not open_from[self.counted]:
-                    del open_from[self.counted]
-                self.counted = None
-            super().connection_lost(exc)
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
 
-    return CappedConnection
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class MeteredConnection(ServerConnection):
+    """A ServerConnection that counts the bytes it reads from its transport
+    (``wire_bytes_up``) and writes to it (``wire_bytes_down``): the socket's bytes, or
+    under TLS the bytes inside the TLS records. It also asks its
+    :class:`ConnectionGate` to be let in as soon as it is accepted, before it costs a
+    handshake. Subclassed per server by :func:`_connection_class` to bind the gate."""
+
+    gate: ClassVar[ConnectionGate]
+    wire_bytes_up: int = 0
+    wire_bytes_down: int = 0
+    gate_address: str | None = None  # the address the gate counts this connection under, while it does
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # websockets writes every byte through self.transport.write (Connection.send_data).
+        super().connection_made(_CountingTransport(transport, self))  # type: ignore[arg-type]
+        peer = transport.get_extra_info("peername")
+        if not self.gate.admit(self, str(peer[0]) if isinstance(peer, tuple) else ""):
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.wire_bytes_up += len(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gate.release(self)
+        super().connection_lost(exc)
+
+
+class ConnectionGate:
+    """Which accepted TCP connections the coordinator keeps.
+
+    * At most ``per_address`` open connections per peer IP address. At that cap the
+      oldest connection of the address that has not said hello yet is dropped to make
+      room; only when all of them have said hello is the new one refused. Many honest
+      devices share one address behind a NAT: idle connections from one of them must not
+      lock the others out.
+    * At most ``in_handshake`` connections, over all addresses, that have not said hello
+      yet: at that cap the oldest of them is dropped, so connections from many addresses
+      (a rotated IPv6 prefix) cannot exhaust the process.
+
+    Either way a client that says hello promptly gets in: an attacker must open a cap's
+    worth of new connections while it answers its challenge to push it out.
+    """
+
+    def __init__(self, per_address: int, in_handshake: int) -> None:
+        self.per_address = per_address
+        self.in_handshake = in_handshake
+        self._open_from: Counter[str] = Counter()
+        # Connections that have not said hello, oldest first (dicts keep insertion order).
+        self._waiting: dict[MeteredConnection, None] = {}
+        self._waiting_from: dict[str, dict[MeteredConnection, None]] = {}
+        self.evicted = 0  # connections dropped to make room, since the start
+        self.refused = 0  # connections refused at accept, since the start
+
+    def admit(self, connection: MeteredConnection, address: str) -> bool:
+        """Count a connection just accepted from ``address``, dropping an older one that
+        has not said hello where a cap is reached. False: refuse it (every connection of
+        the address has said hello)."""
+        if self._open_from[address] >= self.per_address:
+            oldest = next(iter(self._waiting_from.get(address, ())), None)
+            if oldest is None:
+                self.refused += 1
+                logger.debug("refusing a connection from %s: its %d connections have all said hello",
+                             address, self.per_address)
+                return False
+            self._evict(oldest, f"{address} is at its cap of {self.per_address} connections")
+        elif self._open_from[address] == self.per_address - 1:
+            logger.warning("%s holds %d connections, the most one address may; from now on its oldest "
+                           "connection that has not said hello makes room for a new one", address, self.per_address)
+        if len(self._waiting) >= self.in_handshake:
+            self._evict(next(iter(self._waiting)), f"{self.in_handshake} connections have not said hello")
+        elif len(self._waiting) == self.in_handshake - 1:
+            logger.warning("%d connections have not said hello, the most allowed; from now on the oldest of them "
+                           "makes room for a new one", self.in_handshake)
+        self._open_from[address] += 1
+        connection.gate_address = address
+        self._waiting[connection] = None
+        self._waiting_from.setdefault(address, {})[connection] = None
+        return True
+
+    def said_hello(self, connection: MeteredConnection) -> None:
+        """The connection's client has been welcomed: it no longer counts as waiting and
+        is never dropped to make room."""
+        address = connection.gate_address
+        if address is None:
+            return
+        self._waiting.pop(connection, None)
+        waiting_here = self._waiting_from.get(address)
+        if waiting_here is not None:
+            waiting_here.pop(connection, None)
+            if not waiting_here:
+                del self._waiting_from[address]
+
+    def release(self, connection: MeteredConnection) -> None:
+        """Forget a connection (it closed, or was dropped); idempotent."""
+        address = connection.gate_address
+        if address is None:
+            return
+        self.said_hello(connection)
+        self._open_from[address] -= 1
+        if not self._open_from[address]:
+            del self._open_from[address]
+        connection.gate_address = None
+
+    def open_from(self, address: str) -> int:
+        """Connections counted for ``address`` now."""
+        return self._open_from.get(address, 0)
+
+    @property
+    def waiting(self) -> int:
+        """Connections that have not said hello, over all addresses."""
+        return len(self._waiting)
+
+    def _evict(self, connection: MeteredConnection, why: str) -> None:
+        logger.debug("dropping the connection from %s that has waited longest for its hello: %s",
+                     connection.gate_address, why)
+        self.release(connection)  # now: its connection_lost comes later, from the event loop
+        self.evicted += 1
+        connection.transport.abort()
+
+
+def _connection_class(gate: ConnectionGate) -> type[MeteredConnection]:
+    """A :class:`MeteredConnection` class bound to ``gate`` (serve() builds each
+    connection from a class)."""
+
+    class GatedConnection(MeteredConnection):
+        pass
+
+    GatedConnection.gate = gate
+    return GatedConnection

@@ -125,13 +125,35 @@ def test_example_cap_limits_a_client_claiming_a_billion_examples() -> None:
     assert -uncapped[0][1] / LR > 99.9
 
 
-def test_robust_methods_fall_back_to_the_weighted_mean_below_three_values() -> None:
+@pytest.mark.parametrize("rule", [TRIMMED, MEDIAN], ids=lambda rule: rule.method)
+def test_below_three_values_a_claimed_example_count_does_not_decide_the_seed(rule: AggregationRule) -> None:
+    # The case: one client claims 10,000 examples and sends -1000, one honest
+    # client with 200 examples sends 1. The example-weighted mean gave -980.4.
+    assert rule.combine([(10_000, -1000.0), (200, 1.0)]) == (-1000.0 + 1.0) / 2
+    # Values are clipped before the unweighted mean.
+    assert AggregationRule(method=rule.method, clip=10.0).combine([(10**9, -5000.0), (1, 4.0)]) == (-10.0 + 4.0) / 2
+    # Three updates, but one value is not finite: two left, so the unweighted mean again.
+    assert rule.combine([(1, 1.0), (3, 4.0), (1, math.nan)]) == 2.5
     updates = [update("a", ((11, 1.0), (22, -7.0)), n=1), update("b", ((11, 4.0), (22, 2.5)), n=3)]
-    expected = aggregate(SEEDS, updates, LR, MEAN)
-    assert aggregate(SEEDS, updates, LR, TRIMMED) == expected
-    assert aggregate(SEEDS, updates, LR, MEDIAN) == expected
-    # Three updates, but one value is not finite: two left, so the weighted mean again.
-    assert MEDIAN.combine([(1, 1.0), (3, 4.0), (1, math.nan)]) == MEAN.combine([(1, 1.0), (3, 4.0)])
+    assert aggregate(SEEDS, updates, LR, rule) == [(11, fl32(-LR * 2.5)), (22, fl32(-LR * -2.25))]
+
+
+def test_the_plain_mean_stays_example_weighted_below_three_values() -> None:
+    assert MEAN.combine([(10_000, -1000.0), (200, 1.0)]) == (10_000 * -1000.0 + 200 * 1.0) / 10_200
+
+
+def test_the_report_says_when_the_robust_method_was_not_in_force() -> None:
+    three = [update(name, ((11, g), (22, -g))) for name, g in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
+    full = aggregate_with_report(SEEDS, three, LR, TRIMMED)
+    assert (full.values_min, full.robust) == (3, True)
+    # One seed of one client is not finite: that seed had 2 values, so not robust.
+    holed = three[:2] + [tampered("c", ((11, 3.0), (22, math.nan)))]
+    thin = aggregate_with_report(SEEDS, holed, LR, MEDIAN)
+    assert (thin.values_min, thin.robust) == (2, False)
+    assert (aggregate_with_report(SEEDS, three[:2], LR, TRIMMED).values_min,
+            aggregate_with_report(SEEDS, three[:2], LR, TRIMMED).robust) == (2, False)
+    # The plain mean is never robust, however many values it has.
+    assert aggregate_with_report(SEEDS, three, LR, MEAN).robust is False
 
 
 def test_trim_count() -> None:

@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import time
 import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -480,17 +481,26 @@ def test_fragments_adding_up_past_the_limit_are_closed_1009(tmp_path: Path) -> N
     run(body)
 
 
-def test_a_compression_bomb_is_closed_1009(tmp_path: Path) -> None:
-    """5 MiB of zeros deflate to a few KiB; the limit applies to the inflated message."""
+def test_deflate_is_not_negotiated_and_a_compressed_frame_is_closed_1002(tmp_path: Path) -> None:
+    """The coordinator serves without permessage-deflate: a client offering it gets no
+    extension, and a frame flagged as compressed (RSV1), such as a deflate bomb, is a
+    protocol error, closed 1002 without being inflated."""
 
     async def body() -> None:
         async with federation(tmp_path) as fed:
-            peer = await Peer.join(fed, "bomb", compression="deflate")
+            peer = await Peer.join(fed, "offers-deflate", compression="deflate")
+            assert peer.ws.protocol.extensions == []
+            await peer.still_open()
+            await fed.leave(peer)
             before = fed.rows()
-            assert peer.ws.protocol.extensions, "permessage-deflate was not negotiated"
-            with contextlib.suppress(Exception):
-                await peer.send(b"\x00" * (5 * 2**20))
-            assert (await peer.closed())[0] == 1009
+            reader, writer = await raw_open(fed.port)
+            assert isinstance(codec.decode((await read_frame(reader))[1]), Challenge)
+            bomb = zlib.compressobj(wbits=-15)
+            deflated = bomb.compress(b"\x00" * (5 * 2**20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
+            frame = client_frame(deflated[:-4])  # permessage-deflate drops the 00 00 ff ff tail
+            writer.write(bytes([frame[0] | 0x40]) + frame[1:])  # RSV1: "this frame is compressed"
+            assert await read_close_code(reader) == 1002
+            writer.close()
             assert fed.rows() == before
             await fed.assert_serving()
 
@@ -887,19 +897,23 @@ def _open_descriptors() -> int:
 def test_5000_idle_connections_are_capped_or_held_and_a_legitimate_client_still_gets_in(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: str, kind: str) -> None:
     """5,000 connections from 127.0.0.1 that never read: bare TCP, or upgraded to a
-    websocket that never says hello. With the default per-address cap the coordinator
-    keeps max_connections_per_address (config) of them and resets the rest at accept; with the cap
-    above 5,000 it holds them all. Either way a fresh client gets its challenge within
-    1 s (from 127.0.0.2 while 127.0.0.1 is at its cap)."""
+    websocket that never says hello. With the default caps the coordinator keeps
+    max_connections_per_address (config) of them, dropping the oldest as newer ones come;
+    with both caps (per address, in handshake) above 5,000 it holds them all. Either way
+    a fresh client gets its challenge within 1 s (from 127.0.0.2 while 127.0.0.1 is at
+    its cap)."""
     limit = _raise_fd_limit()
     count = min(5000, (limit - 256) // 2)  # each connection is two descriptors in this process
     assert count >= 1000, f"file descriptor limit {limit} is too low for this test"
-    per_address = count + 100 if cap == "above" else FederationConfig(model_hash=HASH).max_connections_per_address
-    expected_held = min(count, per_address)
+    defaults = FederationConfig(model_hash=HASH)
+    per_address = count + 100 if cap == "above" else defaults.max_connections_per_address
+    in_handshake = count + 100 if cap == "above" else defaults.max_connections_in_handshake
+    expected_held = min(count, per_address, in_handshake)
     assert expected_held < count or cap == "above"
 
     async def body() -> None:
-        async with federation(tmp_path, max_connections_per_address=per_address) as fed:
+        async with federation(tmp_path, max_connections_per_address=per_address,
+                              max_connections_in_handshake=in_handshake) as fed:
             before = _open_descriptors()
             sockets = await _open_idle_connections(fed.port, count, upgrade=kind == "websocket")
             try:

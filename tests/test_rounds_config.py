@@ -78,12 +78,16 @@ def test_deadline_commits_with_quorum_and_abandons_without():
 
 
 def test_aggregate_is_example_weighted_mean_times_minus_lr_in_float32():
-    updates = [update("a", pairs=((11, 1.0), (22, 3.0)), n=1), update("b", pairs=((11, 4.0), (22, -3.0)), n=3)]
-    coefficients = aggregate([11, 22], updates, learning_rate=1e-3)
-    assert coefficients == [(11, fl32(-1e-3 * 13 / 4)), (22, fl32(-1e-3 * -6 / 4))]
-    assert [s for s, _ in aggregate([22, 11], updates, 1e-3)] == [22, 11]  # task order kept
+    # Three values with unequal weights: the trimmed mean (1.0 for seed 11) and the
+    # median would give other results than the weighted mean asked for.
+    updates = [update("a", pairs=((11, 1.0), (22, 3.0)), n=1), update("b", pairs=((11, 4.0), (22, -3.0)), n=3),
+               update("c", pairs=((11, -2.0), (22, 0.5)), n=4)]
+    coefficients = aggregate([11, 22], updates, learning_rate=1e-3, rule="mean")
+    assert coefficients == [(11, fl32(-1e-3 * (1 * 1.0 + 3 * 4.0 + 4 * -2.0) / 8)),
+                            (22, fl32(-1e-3 * (1 * 3.0 + 3 * -3.0 + 4 * 0.5) / 8))]
+    assert [s for s, _ in aggregate([22, 11], updates, 1e-3, rule="mean")] == [22, 11]  # task order kept
     with pytest.raises(ValueError, match="no updates"):
-        aggregate([11], [], 1e-3)
+        aggregate([11], [], 1e-3, rule="mean")
 
 
 def test_config_from_toml_with_overrides(tmp_path):
@@ -157,3 +161,63 @@ def test_pool_key_is_optional_checked_and_bound_to_the_ledger(tmp_path):
         assert Coordinator(load_config(None, {"model_hash": HASH}), ledger).pool_key == 7
         with pytest.raises(LedgerError, match="pool_key"):
             Coordinator(load_config(None, {"model_hash": HASH, "pool_key": 8}), ledger)
+
+
+@pytest.mark.parametrize(
+    "aggregation, clients_per_round, expected",
+    [
+        ("trimmed_mean", 1, 1), ("trimmed_mean", 2, 2), ("trimmed_mean", 3, 3), ("median", 4, 3),
+        ("trimmed_mean", 5, 3), ("median", 7, 4), ("trimmed_mean", 10, 5),
+        ("mean", 1, 1), ("mean", 2, 1), ("mean", 3, 2), ("mean", 10, 5),
+    ],
+)
+def test_default_quorum_keeps_a_robust_method_in_force(aggregation, clients_per_round, expected):
+    config = load_config(None, {"model_hash": HASH, "aggregation": aggregation,
+                                "clients_per_round": clients_per_round})
+    assert config.quorum is None and config.commit_quorum == expected
+    # A robust round commits on at least 3 updates wherever 3 clients are asked.
+    if aggregation != "mean" and clients_per_round >= 3:
+        assert config.commit_quorum >= 3 and not config.quorum_defeats_robustness
+
+
+def test_the_default_federation_needs_all_three_updates(tmp_path):
+    path = tmp_path / "fed.toml"
+    path.write_text(f'[model]\nhash = "{HASH}"\n')
+    config = load_config(path)
+    assert (config.aggregation, config.clients_per_round, config.commit_quorum) == ("trimmed_mean", 3, 3)
+
+
+def test_an_explicit_quorum_is_kept_and_one_below_three_is_flagged(tmp_path):
+    path = tmp_path / "fed.toml"
+    path.write_text(f'[model]\nhash = "{HASH}"\n[rounds]\nclients_per_round = 3\nquorum = 2\n')
+    config = load_config(path)
+    assert config.commit_quorum == 2 and config.quorum_defeats_robustness
+    assert not load_config(path, {"aggregation": "mean"}).quorum_defeats_robustness
+    with pytest.raises(ConfigError, match="^quorum: must be between 1 and clients_per_round"):
+        load_config(path, {"quorum": 0})
+
+
+def test_an_explicit_low_quorum_is_logged_at_start(tmp_path, caplog):
+    import asyncio
+    import logging
+
+    from coordinator.ledger import Ledger
+    from coordinator.server import Coordinator
+
+    async def start_and_stop(config):
+        with Ledger(config.ledger_path) as ledger:
+            coordinator = Coordinator(config, ledger)
+            task = asyncio.create_task(coordinator.run())
+            while coordinator.port is None:
+                await asyncio.sleep(0.01)
+            coordinator.stop()
+            await task
+
+    settings = {"model_hash": HASH, "port": 0, "ledger_path": str(tmp_path / "l.db"), "rounds": 1}
+    with caplog.at_level(logging.WARNING, logger="coordinator.server"):
+        asyncio.run(start_and_stop(load_config(None, {**settings, "quorum": 2})))
+    assert any("quorum 2 is below 3" in r.getMessage() and "trimmed_mean" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coordinator.server"):
+        asyncio.run(start_and_stop(load_config(None, settings)))
+    assert not any("quorum" in r.getMessage() for r in caplog.records)
