@@ -855,7 +855,10 @@ class UpdateAck(_Record):
     Attributes:
         round: round of the update.
         attempt: attempt of the update.
-        status: ``"accepted"``, or ``"duplicate"`` for a resend already counted.
+        status: ``"accepted"``, or ``"duplicate"`` for a resend of an update the
+            coordinator already holds for that attempt, also after the attempt
+            committed or was abandoned, until the next attempt opens (PROTOCOL.md §7.2).
+            It does not say whether the attempt committed; ``round_commit`` does.
     """
 
     TYPE: ClassVar[str] = "update_ack"
@@ -1028,8 +1031,11 @@ class Update(_Record):
         attempt: the attempt of the task answered.
         client_id: the sender.
         pairs: ``(seed, projected gradient)``, distinct seeds.
-        num_examples: the aggregation weight; the reference client sends the size of its
-            local training set (FedAvg weighting).
+        num_examples: how many training examples the scalars in ``pairs`` were computed
+            from in this round (one batch per seed: seeds x batch size, the engine's
+            ``LocalUpdate.num_examples``), not the size of the client's data set. It
+            weighs the update in the ``"mean"`` aggregation and among the values
+            ``"trimmed_mean"`` keeps (PROTOCOL.md §8.2).
         loss_before: mean loss before the local steps.
         loss_after: mean loss after the local steps.
         nonce: 16 random bytes, unique per update.
