@@ -16,7 +16,9 @@ existing ones: AdamW over LoRA, and the forward and MeZO step over LoRA on a bfl
 base. A mode this machine cannot run (the emulator without bitsandbytes) is printed as
 "estimated, not measured" and left out of the error. The issue's target: every mode
 within 15% at both settings. The last line on stdout is one JSON object with
-``max_rel_error``, ``modes_measured``, ``modes_estimated_only`` and the raw rows.
+``max_rel_error``, ``modes_measured``, ``modes_estimated_only`` and the raw rows; the
+same summary, with every setting's whole profile, goes to ``bench/results/memory_model.json``
+(``bench/_results.py``: with the machine, versions and commit it ran on).
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+for _path in (str(REPO_ROOT), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from profiles.profiler import format_table, parse_mode_spec, profile  # noqa: E402
+from _results import write_result  # noqa: E402  (bench/_results.py, found through HERE)
+
+from profiles.profiler import (  # noqa: E402
+    BadModelSource,
+    ModeOptions,
+    format_table,
+    parse_mode_spec,
+    profile,
+)
 
 TARGET = 0.15
 DEFAULT_MODES = ("forward", "mezo", "sgd", "adamw", "adamw:lora", "dropout", "block",
@@ -40,10 +52,13 @@ DEFAULT_MODES = ("forward", "mezo", "sgd", "adamw", "adamw:lora", "dropout", "bl
 
 
 def _setting(text: str) -> tuple[int, int]:
+    """``"4x128"`` -> (4, 128). Raises ValueError naming the bad setting."""
     try:
         b, t = (int(x) for x in text.lower().split("x"))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ_LEN, got {text!r}") from e
+        raise ValueError(f"expected BATCHxSEQ_LEN, got {text!r}") from e
+    if b < 1 or t < 4:
+        raise ValueError(f"the batch must be >= 1 and the sequence length >= 4, got {text!r}")
     return b, t
 
 
@@ -57,11 +72,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"default {','.join(DEFAULT_MODES)})")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "profiles" / "data")
     args = parser.parse_args(argv)
-    settings = [_setting(s) for s in args.settings.split(",") if s.strip()]
+    try:
+        settings = [_setting(s.strip()) for s in args.settings.split(",") if s.strip()]
+    except ValueError as e:
+        parser.error(f"--settings: {e}")
+    if not settings:
+        parser.error("--settings must name at least one BATCHxSEQ_LEN")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for spec in modes:
         try:
-            parse_mode_spec(spec)
+            mode, overrides = parse_mode_spec(spec)
+            ModeOptions(**overrides).check(mode)
         except ValueError as e:
             parser.error(f"--modes: {e}")
 
@@ -69,20 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     unmeasured: list[dict] = []
     versions: dict = {}
+    # Every setting's whole profile (breakdowns, per-op timings, the child's counters),
+    # kept with the summary in bench/results/memory_model.json.
+    profiles: dict[str, dict] = {}
+    profile_files: list[str] = []
     name = Path(args.model).name.replace(".", "-")
     for batch, seq_len in settings:
-        result = profile(args.model, batch, seq_len, modes)
+        try:
+            result = profile(args.model, batch, seq_len, modes)
+        except BadModelSource as e:
+            parser.error(f"--model: {e}")
         out = args.out_dir / f"cpu-{name}-b{batch}-t{seq_len}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        profiles[f"{batch}x{seq_len}"] = result
+        profile_files.append(str(out))
         rows.extend(result["profiles"])
         unmeasured.extend(result["unmeasured"])
         if result.get("torch"):
             versions = {k: result.get(k) for k in ("torch", "transformers")}
 
+    wall_seconds = time.perf_counter() - started
     print(f"memory model vs measured peak: {args.model}, CPU "
           f"({platform.machine()}), torch {versions.get('torch')}, transformers "
-          f"{versions.get('transformers')}; {time.perf_counter() - started:.0f} s")
+          f"{versions.get('transformers')}; {wall_seconds:.0f} s")
     print(format_table(rows, unmeasured))
     if not rows:
         print("nothing could be measured here")
@@ -99,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes_measured": sorted({r["label"] for r in rows}),
         "modes_estimated_only": sorted({u["label"] for u in unmeasured}),
         "settings": [f"{b}x{t}" for b, t in settings],
+        "wall_s": round(wall_seconds, 1),
         "rows": [{"mode": r["mode"], "label": r["label"],
                   "setting": f"{r['batch']}x{r['seq_len']}",
                   "estimated_mib": round(r["estimated_bytes"] / 2**20, 1),
@@ -112,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
              "reason": u["reason"]} for u in unmeasured],
         **versions,
     }
+    path = write_result("memory_model", summary, {"profiles": profiles,
+                                                  "profile_files": profile_files})
+    print(f"full result: {path}", file=sys.stderr)
     print(json.dumps(summary), flush=True)
     return 0
 

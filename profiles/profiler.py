@@ -1,6 +1,6 @@
 """Measures the peak memory of each training mode and compares it with the estimate.
 
-Run from the repository root::
+Run it anywhere edgefed is importable (it needs only the installed package)::
 
     python -m profiles.profiler --model smollm2-135m --batch 4 --seq-len 128 \\
         --modes forward,mezo,sgd,adamw --out profiles/data/cpu-smollm2-b4-t128.json
@@ -71,7 +71,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The directory holding the ``profiles`` package (the repository root, or site-packages
+# in an installed copy). A child runs there so that ``python -m profiles.profiler``
+# imports this very copy of the code, not whatever the caller's directory holds.
+IMPORT_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("forward", "mezo", "sgd", "adamw", "block", "dropout", "emulator")
 FIRST_ORDER = ("sgd", "adamw", "block", "dropout", "emulator")
 SCOPED_MODES = ("forward", "mezo", "sgd", "adamw", "dropout")  # the modes --scope applies to
@@ -84,6 +87,8 @@ LORA_TARGETS = ("q_proj", "v_proj")
 LORA_ALPHA = 16.0
 # Exit status of a child whose mode cannot run here (a missing optional package).
 EXIT_UNAVAILABLE = 3
+# Exit status of a child that cannot load the model it was given (a bad --model).
+EXIT_BAD_MODEL = 4
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -97,6 +102,10 @@ def _log(message: str) -> None:
 
 class ModeUnavailable(RuntimeError):
     """A mode cannot be measured on this machine (e.g. bitsandbytes is missing)."""
+
+
+class BadModelSource(ValueError):
+    """The model to profile cannot be found or loaded (the message says why, in a line)."""
 
 
 @dataclass(frozen=True)
@@ -287,14 +296,12 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
     import torch
     import transformers  # noqa: F401
 
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import _measure  # bench/_measure.py
-
     from edge_client.data import Batch
     from edge_client.engines.mezo import MeZOConfig, MeZOEngine
     from edge_client.loss import causal_lm_loss
     from edge_client.model import load_model, resolve_model
     from edge_client.scope import ScopeConfig, build_space
+    from profiles import procmem
     from profiles.estimator import dropout_kept_layers, emulator_kept_layers
 
     scope = options.scope_for(mode)
@@ -307,8 +314,8 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
             raise ModeUnavailable(f"the emulator needs bitsandbytes ({e})") from e
 
     cuda = device.startswith("cuda")
-    _measure.release_free_memory()
-    interp_rss_kib = _measure.status_kib("VmRSS")
+    procmem.release_free_memory()
+    interp_rss_kib = procmem.status_kib("VmRSS")
 
     dtype = torch.bfloat16 if options.dtype_for(mode) == "bfloat16" else torch.float32
     model, _ = load_model(resolve_model(source), device=device, dtype=dtype)
@@ -394,13 +401,13 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
-    _measure.release_free_memory()
-    loaded_rss_kib = _measure.status_kib("VmRSS")
+    procmem.release_free_memory()
+    loaded_rss_kib = procmem.status_kib("VmRSS")
     if cuda:
         torch.cuda.synchronize()
         loaded_device = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    reset = _measure.hwm_reset()
+    reset = procmem.hwm_reset()
     seconds, losses = [], []
     for _ in range(ops):
         start = time.perf_counter()
@@ -408,9 +415,9 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak_hwm_kib = _measure.status_kib("VmHWM") if reset else None
+    peak_hwm_kib = procmem.status_kib("VmHWM") if reset else None
     if peak_hwm_kib is None:
-        peak_hwm_kib = _measure.ru_maxrss_kib()
+        peak_hwm_kib = procmem.ru_maxrss_kib()
     result = {
         "mode": mode,
         "options": asdict(options),
@@ -469,9 +476,12 @@ def run_child(mode: str, source: str, batch_size: int, seq_len: int, *, device: 
 
     Raises:
         ModeUnavailable: the mode cannot run on this machine (a missing package).
+        BadModelSource: the child cannot load ``source``.
         RuntimeError: the child failed for another reason (its stderr is echoed).
     """
     options = options or ModeOptions()
+    if Path(source).exists():  # a model directory relative to the caller, not to the child
+        source = str(Path(source).resolve())
     command = [sys.executable, "-m", "profiles.profiler", "--child", mode, "--model", source,
                "--batch", str(batch_size), "--seq-len", str(seq_len), "--device", device,
                "--ops", str(ops), "--chunk-tokens", str(chunk_tokens),
@@ -481,10 +491,13 @@ def run_child(mode: str, source: str, batch_size: int, seq_len: int, *, device: 
                "--base-dtype", options.base_dtype, "--top-layers", str(options.top_layers)]
     if options.scope is not None:
         command += ["--scope", options.scope]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=IMPORT_ROOT)
     if done.returncode == EXIT_UNAVAILABLE:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise ModeUnavailable(lines[-1] if lines else f"{mode} cannot run here")
+    if done.returncode == EXIT_BAD_MODEL:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise BadModelSource(lines[-1] if lines else f"cannot load the model {source!r}")
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise RuntimeError(f"the {mode} child failed with exit status {done.returncode}")
@@ -681,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     if Path(source).exists():
         source = str(Path(source).resolve())
     if args.child:
+        from edge_client.model import ModelLoadError
+
         try:
             options.check(args.child)
             result = _child(args.child, source, args.batch, args.seq_len, args.device, args.ops,
@@ -688,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         except ModeUnavailable as e:
             print(str(e), file=sys.stderr, flush=True)
             return EXIT_UNAVAILABLE
+        except ModelLoadError as e:  # the user's input, not a fault: one line, no traceback
+            print(str(e), file=sys.stderr, flush=True)
+            return EXIT_BAD_MODEL
         print(json.dumps(result), flush=True)
         return 0
 
@@ -700,8 +718,12 @@ def main(argv: list[str] | None = None) -> int:
             ModeOptions(**{**asdict(options), **overrides}).check(mode)
         except ValueError as e:
             parser.error(f"--modes: {e}")
-    result = profile(source, args.batch, args.seq_len, modes, device=args.device,
-                     ops=args.ops, chunk_tokens=args.chunk_tokens, options=options)
+    try:
+        result = profile(source, args.batch, args.seq_len, modes, device=args.device,
+                         ops=args.ops, chunk_tokens=args.chunk_tokens, options=options)
+    except BadModelSource as e:
+        print(f"profiler: error: --model: {e}", file=sys.stderr)
+        return 2
     print(format_table(result["profiles"], result["unmeasured"]), file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tomllib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,11 +84,9 @@ def test_mode_order(smollm2, setting):
     b, t = setting
     total = {m: estimate(smollm2, m, batch=b, seq_len=t).total for m in MODES}
     assert total["adamw"] > total["sgd"] > total["forward"]
-    # A MeZO step costs a forward plus the compiled perturbation kernel, nothing that
-    # grows with the model or the batch.
-    assert total["forward"] <= total["mezo"] <= 1.15 * total["forward"]
-    # AdamW adds exactly its two float32 moments.
-    assert total["adamw"] - total["sgd"] == 2 * 4 * smollm2.param_count
+    # What MeZO and AdamW cost beyond a forward / an SGD step is checked against real
+    # torch below: the optimizer state against a real AdamW's (an independent count),
+    # MeZO's whole peak against a measured one in a fresh process.
 
 
 def test_lora_scope_is_cheaper_for_first_order(smollm2):
@@ -288,6 +293,108 @@ def test_estimator_does_not_import_torch():
     assert done.returncode == 0
 
 
+# -- counts against real torch objects (in this process: tiny models, a few ms) -------
+
+# The shape of TINY_LLAMA as a Hugging Face config, for building the real model.
+TINY_LLAMA_CONFIG = {
+    "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 8, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 176, "tie_word_embeddings": True,
+}
+
+
+def _real_llama(config: dict[str, Any]) -> Any:
+    """A real ``LlamaForCausalLM`` (float32, fixed seed) of that config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_word_embeddings": False},
+    {"head_dim": 32},  # heads x head_dim (128) differs from the hidden size (64)
+    {"num_key_value_heads": 4},  # no grouped-query attention
+])
+def test_the_llama_parameter_count_matches_a_real_model(overrides):
+    config = {**TINY_LLAMA_CONFIG, **overrides}
+    model = _real_llama(config)
+    assert ModelShape.from_hf_config(config).param_count == model.num_parameters()
+
+
+def _trainable_after_setup(model: Any, mode: str, kwargs: dict[str, Any]
+                           ) -> tuple[Any, list[Any]]:
+    """Marks what ``mode`` with ``kwargs`` trains on a real model, as the profiler's child
+    does (peft LoRA on q_proj / v_proj for the lora scope); returns the model (wrapped by
+    peft for LoRA) and the parameters that train."""
+    scope = kwargs.get("scope", "full")
+    layers = model.model.layers
+    if scope == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=kwargs.get("lora_rank", 8), lora_alpha=16,
+                                                 target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, bias="none"))
+        if mode == "block":  # only the block's adapters train
+            block = {id(p) for layer in layers[: kwargs["block_layers"]]
+                     for p in layer.parameters()}
+            for name, param in model.named_parameters():
+                param.requires_grad_("lora_" in name and id(param) in block)
+    elif mode == "block":
+        model.requires_grad_(False)
+        for layer in layers[: kwargs["block_layers"]]:
+            layer.requires_grad_(True)
+    elif scope == "top_layers":
+        model.requires_grad_(False)
+        for layer in layers[-kwargs["top_layers"]:]:
+            layer.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _tensor_bytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize(("mode", "kwargs"), [
+    ("sgd", {}),
+    ("adamw", {}),
+    ("adamw", {"scope": "lora"}),
+    ("adamw", {"scope": "lora", "lora_rank": 4}),
+    ("sgd", {"scope": "top_layers", "top_layers": 2}),
+    ("adamw", {"scope": "top_layers", "top_layers": 3}),
+    ("block", {"block_layers": 1}),
+    ("block", {"block_layers": 3}),
+    ("block", {"scope": "lora", "block_layers": 2}),
+])
+def test_optimizer_state_and_adapters_match_a_real_training_step(mode, kwargs):
+    """One real step of torch's optimizer (SGD for sgd, AdamW otherwise) on the trainable
+    parameters; the bytes of its state, of the LoRA adapters and of the weights are
+    counted from the tensors, not from the estimator's formulas."""
+    import torch
+
+    model, trainable = _trainable_after_setup(_real_llama(TINY_LLAMA_CONFIG), mode, kwargs)
+    optimizer = (torch.optim.SGD(trainable, lr=1e-3) if mode == "sgd"
+                 else torch.optim.AdamW(trainable, lr=1e-3))
+    ids = torch.randint(0, TINY_LLAMA_CONFIG["vocab_size"], (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+    est = estimate(TINY_LLAMA, mode, batch=2, seq_len=16, **kwargs)
+    # Per-element state only: torch also keeps a 0-d step counter per parameter tensor
+    # (4 bytes each), which the estimate leaves out.
+    state_bytes = _tensor_bytes(t for state in optimizer.state.values() for t in state.values()
+                                if isinstance(t, torch.Tensor) and t.dim() > 0)
+    assert est.breakdown["optimizer_state"] == state_bytes
+    named = list(model.named_parameters())
+    adapters = _tensor_bytes(p for name, p in named if "lora_" in name)
+    base = _tensor_bytes({id(p): p for name, p in named if "lora_" not in name}.values())
+    assert est.breakdown["trainable_copy"] == adapters
+    assert est.breakdown["weights"] == base
+
+
 # -- one measured check ------------------------------------------------------------
 
 # A random Llama big enough that the model's memory dominates the run-to-run noise of
@@ -300,11 +407,17 @@ TINY = {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
 # they are 11-38% of it, and this smaller model's real runtime residual is ~40 MiB, so
 # a ~20 MiB absolute miss is a 13% relative one for the forward (observed when this
 # test was written: forward +13%, mezo -7%, sgd 0%, adamw +3%; when block, layer 0's
-# AdamW step, was added: block -1%, adamw +2%, forward +18%). 25% leaves room for
-# run-to-run noise of the interpreter baseline (a few MiB) while still failing if any
-# term (logits copies, saved activations, optimizer state) were off by a factor. The
+# AdamW step, was added: block -1%, adamw +2%, forward +18%; when mezo came back:
+# forward +14%, mezo -2%, +6%, +9%). 25% leaves room for run-to-run noise of the
+# interpreter baseline (a few MiB) while still failing if any term (logits copies, saved
+# activations, optimizer state) were off by a factor. mezo, the mode that ships, has no
+# first-order terms and gets 15%: it must fail if the step held anything the size of
+# the weights (79 MB here: a copy of them, or gradients). Checked by holding a clone of
+# the parameters through the step in the profiler's child: measured 312 MiB against the
+# estimate's 230, an error of -26%, which 25% would let through on a noisy run. The
 # issue's 15% target on the real model is checked by bench/memory_model.py.
 TOLERANCE = 0.25
+TOLERANCE_BY_MODE = {"mezo": 0.15}
 
 
 def _write_tiny(directory: Path) -> Path:
@@ -327,7 +440,7 @@ def _write_tiny(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("mode", ["forward", "adamw", "block"])
+@pytest.mark.parametrize("mode", ["forward", "mezo", "adamw", "block"])
 def test_estimate_matches_measurement_on_a_small_llama(tmp_path_factory, mode):
     from profiles.profiler import run_child
 
@@ -340,6 +453,111 @@ def test_estimate_matches_measurement_on_a_small_llama(tmp_path_factory, mode):
     est = estimate(shape, mode, batch=batch, seq_len=seq_len)
     measured = child["measured_bytes"]
     error = (est.total - measured) / measured
-    assert abs(error) <= TOLERANCE, json.dumps(
+    assert abs(error) <= TOLERANCE_BY_MODE.get(mode, TOLERANCE), json.dumps(
         {"mode": mode, "measured_MiB": measured / 2**20, "estimated_MiB": est.total_mib,
          "breakdown_MiB": {k: v / 2**20 for k, v in est.breakdown.items()}})
+
+
+# -- the profiler outside the repository ---------------------------------------------
+
+
+def test_the_profiler_runs_from_an_installed_copy_outside_the_repository(tmp_path):
+    """What pip installs (the packages pyproject.toml lists, without bench/ or tests/),
+    run from an unrelated directory: ``--help``, and a real profile of one mezo step."""
+    from edge_client.tiny import make_tiny_llama
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    site = tmp_path / "site-packages"
+    for init in REPO_ROOT.glob("*/__init__.py"):
+        if any(fnmatch.fnmatch(init.parent.name, pattern) for pattern in patterns):
+            shutil.copytree(init.parent, site / init.parent.name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    model = make_tiny_llama(tmp_path / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    # The copy, not the repository (an editable install must not shadow it).
+    where = run("-c", "import profiles.profiler as p; print(p.__file__)")
+    assert where.stdout.strip() == str(site / "profiles" / "profiler.py"), where.stderr
+    shown = run("-m", "profiles.profiler", "--help")
+    assert shown.returncode == 0 and "--modes" in shown.stdout, shown.stderr
+    done = run("-m", "profiles.profiler", "--model", str(model), "--modes", "mezo",
+               "--batch", "1", "--seq-len", "8", "--ops", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (entry,) = result["profiles"]
+    assert entry["mode"] == "mezo" and entry["measured_bytes"] > 0
+
+
+def test_a_model_the_profiler_cannot_load_is_one_line(capsys):
+    from profiles.profiler import main
+
+    assert main(["--model", "/nonexistent/model", "--modes", "forward", "--batch", "1",
+                 "--seq-len", "8", "--ops", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "profiler: error: --model: model source '/nonexistent/model' does not exist" in err
+    assert "Traceback" not in err
+
+
+# -- bench/memory_model.py (the benchmark of this model; not run at full size here) ----
+
+
+def _memory_model_module() -> Any:
+    spec = importlib.util.spec_from_file_location("memory_model",
+                                                  REPO_ROOT / "bench" / "memory_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--settings", "4y128"], "--settings: expected BATCHxSEQ_LEN, got '4y128'"),
+    (["--settings", "0x128"], "--settings: the batch must be >= 1"),
+    (["--modes", "dropout:full+bf16"], "--modes: dropout: a bfloat16 base needs the lora scope"),
+])
+def test_the_memory_benchmark_refuses_bad_arguments_in_one_line(args, message):
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "memory_model.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_memory_benchmark_saves_its_summary_and_every_profile(tmp_path, monkeypatch, capsys):
+    """The write path of bench/memory_model.py, with the profiler replaced by a stand-in
+    (the real one takes 13 minutes): the summary it prints and every setting's whole
+    profile go to bench/_results.write_result("memory_model", ...)."""
+    memory_model = _memory_model_module()
+    profiled: list[tuple[int, int]] = []
+
+    def fake_profile(model: str, batch: int, seq_len: int, modes: list[str]) -> dict:
+        profiled.append((batch, seq_len))
+        row = {"mode": "mezo", "label": "mezo", "batch": batch, "seq_len": seq_len,
+               "measured_bytes": 100 * 2**20, "estimated_bytes": 90 * 2**20,
+               "rel_error": -0.1, "step_seconds": 1.0, "breakdown": {"weights": 1}}
+        return {"model": model, "torch": "t", "transformers": "tf", "profiles": [row],
+                "unmeasured": []}
+
+    saved: dict[str, Any] = {}
+
+    def fake_write_result(name: str, result: dict, details: dict) -> Path:
+        saved.update(name=name, result=result, details=details)
+        return tmp_path / f"{name}.json"
+
+    monkeypatch.setattr(memory_model, "profile", fake_profile)
+    monkeypatch.setattr(memory_model, "write_result", fake_write_result)
+    assert memory_model.main(["--model", "tiny", "--settings", "1x8,2x16", "--modes", "mezo",
+                              "--out-dir", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert profiled == [(1, 8), (2, 16)]
+    assert saved["name"] == "memory_model" and saved["result"] == printed
+    assert printed["max_rel_error"] == 0.1 and printed["settings"] == ["1x8", "2x16"]
+    assert set(saved["details"]["profiles"]) == {"1x8", "2x16"}
+    assert saved["details"]["profiles"]["2x16"]["profiles"][0]["breakdown"] == {"weights": 1}
+    assert (tmp_path / "cpu-tiny-b2-t16.json").is_file()
