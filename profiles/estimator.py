@@ -522,13 +522,12 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
             lora_proj = n_tok * (s.q_dim * act + 2 * s.q_dim * FP32
                                  + (s.hidden * FP32 if act != FP32 else 0))
         parts["activations"] = stream + max(mlp, attn, lora_proj)
-        # Chunked head: the C counted hidden rows (C H), one chunk of logits in float32
-        # and cross_entropy's log_softmax of it (2 x chunk x V x 4). Over a 16-bit base
-        # the same: ``head(rows).float()`` frees the 16-bit chunk before cross_entropy
-        # (checked: SmolLM2 bf16 + LoRA at 4 x 128 measured 425 MiB forward and 421 MiB
-        # mezo, estimated 421 for both).
+        # Chunked head: the C counted hidden rows (C H) and one chunk of logits in
+        # float32 (chunk x V x 4): the loss takes the chunk's log-softmax in place
+        # (edge_client/loss.py). Over a 16-bit base the 16-bit chunk and its float32
+        # copy briefly coexist (chunk x V x 2 more).
         rows = min(counted, chunk_tokens)
-        parts["logits_loss"] = counted * s.hidden * act + 2 * rows * s.vocab * FP32
+        parts["logits_loss"] = counted * s.hidden * act + rows * s.vocab * (FP32 + (act if act != FP32 else 0))
         parts["overhead"] = RUNTIME_NOGRAD_BYTES
         if mode == "mezo" and trainable >= COMPILE_MIN_ELEMENTS:
             parts["overhead"] += RUNTIME_COMPILED_PERTURB_BYTES

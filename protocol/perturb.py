@@ -25,7 +25,11 @@ tolerance.
 Two backends compute the same bits (tests check they agree): a fused kernel built with
 ``torch.compile`` (about the cost of one memory-bound pass, see ``bench/zo_step.py``)
 and an eager fallback for machines without a working compiler (a 256-entry lookup table
-expands bytes to signs, chunk by chunk, so its temporaries stay small).
+expands bytes to signs, chunk by chunk, so its temporaries stay small). Asking for the
+compiled kernel on a machine that cannot build it falls back to eager, so which kernel
+ran is reported rather than assumed: :func:`apply_rademacher` returns it and
+:func:`last_kernel` remembers it for callers that go through a wrapper
+(``ParameterSpace.apply``).
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ __all__ = [
     "GAMMA",
     "WORD_BITS",
     "Backend",
+    "Kernel",
     "PerturbationError",
     "apply_rademacher",
     "apply_gaussian",
+    "last_kernel",
     "mix64",
     "padded_length",
     "rademacher_tensor",
@@ -73,6 +79,8 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 EAGER_CHUNK_WORDS = 1 << 14
 
 Backend = Literal["auto", "compiled", "eager"]
+# The kernel a call actually ran: "compiled" only when the torch.compile kernel ran.
+Kernel = Literal["compiled", "eager"]
 
 
 # ---------------------------------------------------------------------------
@@ -148,6 +156,18 @@ _compiled_lock = threading.Lock()
 _compiled_fn: Callable[..., None] | None = None
 _compile_failed = False
 _compiled_shapes: set[tuple[int, torch.device]] = set()
+# Written after every successful perturbation; a plain assignment, so a reader in another
+# thread sees one whole value (the latest call's, whichever thread made it).
+_last_kernel: Kernel | None = None
+
+
+def last_kernel() -> Kernel | None:
+    """The kernel the most recent perturbation in this process ran, or None before any.
+
+    "compiled" means the ``torch.compile`` kernel itself ran; a compiled backend that
+    could not be built reports "eager", because that is what computed the result.
+    """
+    return _last_kernel
 
 
 def _get_compiled() -> Callable[..., None] | None:
@@ -187,7 +207,7 @@ def _check_flat(flat: torch.Tensor) -> None:
 
 def apply_rademacher(
     flat: torch.Tensor, seed: int, coefficient: float, *, backend: Backend = "auto"
-) -> None:
+) -> Kernel:
     """In place: ``flat[i] <- fl32(flat[i] + fl32(coefficient) * z(seed)[i])``.
 
     Args:
@@ -198,9 +218,14 @@ def apply_rademacher(
         backend: "compiled", "eager", or "auto" (compiled for large spaces; override with
             the environment variable EDGEFED_PERTURB_BACKEND).
 
+    Returns:
+        the kernel that ran: "compiled", or "eager" (asked for, chosen by "auto" for a
+        small space, or the fallback where the compiled kernel cannot be built).
+
     Raises:
         PerturbationError: bad seed, tensor layout or non-finite coefficient.
     """
+    global _last_kernel
     _check_flat(flat)
     key_value = seed_key(seed)
     coef = torch.tensor(float(coefficient), dtype=torch.float32, device=flat.device)
@@ -208,10 +233,15 @@ def apply_rademacher(
         raise PerturbationError(f"coefficient must be finite in float32, got {coefficient!r}")
     key = torch.tensor(_signed64(key_value), dtype=torch.int64, device=flat.device)
     chosen = _resolve_backend(backend, flat.numel())
+    kernel: Kernel
     if chosen == "compiled" and _apply_compiled(flat, key, coef):
-        return
-    with torch.no_grad():
-        _apply_eager(flat, key, coef)
+        kernel = "compiled"
+    else:
+        with torch.no_grad():
+            _apply_eager(flat, key, coef)
+        kernel = "eager"
+    _last_kernel = kernel
+    return kernel
 
 
 def _apply_compiled(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -> bool:
@@ -240,13 +270,15 @@ def _apply_compiled(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -
     return True
 
 
-def apply_gaussian(flat: torch.Tensor, seed: int, coefficient: float) -> None:
+def apply_gaussian(flat: torch.Tensor, seed: int, coefficient: float) -> Kernel:
     """In place: ``flat += coefficient * g(seed)`` with a Box-Muller Gaussian direction.
 
     Element i uses its own word ``word(seed, i)``: u1 from its high 24 bits, u2 from its
     low 24 bits, ``g = sqrt(-2 ln((u1 + 0.5) / 2**24)) * cos(2 pi u2 / 2**24)`` in float32.
     Not bit-exact across device types (transcendental functions); see the module doc.
+    Always the eager kernel (returned, and recorded for :func:`last_kernel`).
     """
+    global _last_kernel
     _check_flat(flat)
     key = torch.tensor(_signed64(seed_key(seed)), dtype=torch.int64, device=flat.device)
     coef = float(coefficient)
@@ -260,6 +292,8 @@ def apply_gaussian(flat: torch.Tensor, seed: int, coefficient: float) -> None:
             radius = torch.sqrt(-2.0 * torch.log((high + 0.5) / 16777216.0))
             gauss = radius * torch.cos((2.0 * torch.pi / 16777216.0) * low)
             flat[start : start + count].add_(gauss, alpha=coef)
+    _last_kernel = "eager"
+    return "eager"
 
 
 def rademacher_tensor(seed: int, count: int, *, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -255,10 +255,12 @@ def test_a_16_bit_lora_base_halves_weights_and_activations_not_the_float32_head(
     assert half.breakdown["weights"] * 2 == fp32.breakdown["weights"]
     assert half.breakdown["trainable_copy"] == fp32.breakdown["trainable_copy"]  # float32
     assert half.breakdown["activations"] * 2 == fp32.breakdown["activations"]
-    # The counted hidden rows are 16-bit; the chunk of logits and its log_softmax are
-    # float32 either way (the 16-bit head output is freed by ``.float()``).
+    # The counted hidden rows are 16-bit; the chunk of logits is float32 either way (its
+    # log-softmax is taken in place), and over a 16-bit base the 16-bit head output and
+    # its float32 copy coexist while ``.float()`` runs.
     rows = 4 * 32  # counted rows (the response half, < chunk_tokens)
-    assert half.breakdown["logits_loss"] == rows * 64 * 2 + 2 * rows * 1000 * 4
+    assert half.breakdown["logits_loss"] == rows * 64 * 2 + rows * 1000 * (4 + 2)
+    assert fp32.breakdown["logits_loss"] == rows * 64 * 4 + rows * 1000 * 4
     assert half.total < fp32.total
 
 

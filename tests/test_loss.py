@@ -146,3 +146,75 @@ def test_micro_batches_give_the_same_loss(tiny_dir: Path, batches: list[Batch], 
     with pytest.raises(ValueError, match="micro_batch"):
         micro_batched_loss(model, batches[0], micro_batch=0)
 
+
+
+def _wide_vocab_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A one-layer Llama whose output head dominates its memory, as in real small LMs."""
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def _labelled_batch(vocab: int, rows: int, seq_len: int, prompt: int) -> Batch:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (rows, seq_len), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+
+
+def test_loss_has_the_bits_of_cross_entropy_over_the_same_chunks() -> None:
+    # The in-place log-softmax must not change a single bit of the loss: a MeZO step's
+    # projected gradient, and so every client's update, depends on it.
+    vocab, chunk_tokens = 3001, 50
+    model = _wide_vocab_model(vocab)
+    batch = _labelled_batch(vocab, rows=3, seq_len=70, prompt=20)
+    counted = batch.labels[:, 1:] != -100
+    targets = batch.labels[:, 1:][counted]
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     use_cache=False).last_hidden_state
+        rows = hidden[:, :-1][counted]
+        total = torch.zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], chunk_tokens):
+            logits = model.get_output_embeddings()(rows[start : start + chunk_tokens]).float()
+            total += torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_tokens],
+                                                       reduction="sum")
+    loss, n = causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+    assert n == targets.numel() > 2 * chunk_tokens
+    assert loss == total.item() / n  # exactly, not approximately
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_holds_one_chunk_of_logits_at_a_time() -> None:
+    # The head's chunk of logits is the loss's largest buffer (chunk x vocab float32).
+    # F.cross_entropy would keep log_softmax's output beside it, doubling the loss's
+    # peak; measured here as the process's resident high-water mark during the call.
+    try:
+        _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        _status_kib("VmHWM")
+    except (OSError, KeyError):
+        pytest.skip("needs Linux's resettable resident high-water mark (/proc/self/clear_refs)")
+    vocab, rows, seq_len, prompt = 65536, 2, 257, 1
+    model = _wide_vocab_model(vocab)
+    batch = _labelled_batch(vocab, rows, seq_len, prompt)
+    chunk_tokens = rows * (seq_len - prompt)  # every counted row in one chunk
+    chunk_bytes = chunk_tokens * vocab * 4  # 128 MiB
+    causal_lm_loss(model, batch, chunk_tokens=8)  # warm up kernels and thread pools
+    _CLEAR_REFS.write_text("5")
+    start_kib = _status_kib("VmRSS")
+    causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)
+    peak_bytes = (_status_kib("VmHWM") - start_kib) * 1024
+    assert peak_bytes > 0.9 * chunk_bytes  # the measurement sees the chunk
+    assert peak_bytes < 1.4 * chunk_bytes, f"the loss peaked at {peak_bytes / chunk_bytes:.2f} chunks of logits"

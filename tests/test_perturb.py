@@ -1,6 +1,9 @@
 """The seeded perturbation: published vectors, backend agreement, exactness."""
 
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from protocol.perturb import (
     PerturbationError,
     apply_gaussian,
     apply_rademacher,
+    last_kernel,
     mix64,
     padded_length,
     rademacher_signs,
@@ -19,6 +23,18 @@ from protocol.perturb import (
 )
 
 PROTOCOL_MD = Path(__file__).resolve().parents[1] / "PROTOCOL.md"
+
+
+def _require_cxx_compiler() -> None:
+    """Skip where torch.compile's CPU backend has no C++ compiler to build the kernel.
+
+    It uses $CXX, else g++ (clang++ on macOS); only there may the compiled kernel fall
+    back to eager. Everywhere else a fallback is a failure the tests must see.
+    """
+    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler!r} is not on PATH): torch.compile cannot build "
+                    "the CPU kernel here, so only the eager kernel can run")
 
 
 def published_vectors() -> list[dict[str, str]]:
@@ -58,13 +74,36 @@ def test_tensor_path_equals_bitwise_reference(seed):
 
 
 def test_compiled_and_eager_backends_agree_bitwise():
+    _require_cxx_compiler()
     n = padded_length(300_000)
     base = torch.randn(n, generator=torch.Generator().manual_seed(0))
     eager, compiled = base.clone(), base.clone()
     for seed, coef in [(3, 1e-3), (99, -2e-3), (2**62, 7.5e-4)]:
-        apply_rademacher(eager, seed, coef, backend="eager")
-        apply_rademacher(compiled, seed, coef, backend="compiled")
+        assert apply_rademacher(eager, seed, coef, backend="eager") == "eager"
+        # The compiled kernel must really have run, or this compares eager with eager.
+        assert apply_rademacher(compiled, seed, coef, backend="compiled") == "compiled"
+        assert last_kernel() == "compiled"
+    assert not torch.equal(compiled, base)
     assert torch.equal(eager, compiled)
+
+
+def test_auto_runs_the_compiled_kernel_on_large_spaces_and_eager_on_small(monkeypatch):
+    _require_cxx_compiler()
+    import protocol.perturb as perturb
+
+    monkeypatch.delenv("EDGEFED_PERTURB_BACKEND", raising=False)
+    # Lower the size threshold so a test-sized space counts as large.
+    monkeypatch.setattr(perturb, "COMPILE_MIN_ELEMENTS", 1 << 16)
+    large = torch.zeros(1 << 16)
+    small = torch.zeros(1 << 10)
+    assert apply_rademacher(large, 21, 0.5) == "compiled"
+    assert last_kernel() == "compiled"
+    assert apply_rademacher(small, 21, 0.5) == "eager"
+    assert last_kernel() == "eager"
+    assert torch.equal(large[: small.numel()], small)  # same bits, whichever kernel
+    monkeypatch.setenv("EDGEFED_PERTURB_BACKEND", "eager")
+    assert apply_rademacher(large, 21, -0.5) == "eager"
+    assert torch.equal(large, torch.zeros(1 << 16))
 
 
 def test_application_is_one_float32_rounding_of_theta_plus_minus_c():
@@ -136,6 +175,8 @@ def test_a_machine_that_cannot_compile_falls_back_to_the_same_bits(monkeypatch):
     expected = torch.zeros(n)
     apply_rademacher(expected, 8, 0.25, backend="eager")
     got = torch.zeros(n)
-    apply_rademacher(got, 8, 0.25, backend="compiled")
+    # The fallback is reported: the caller asked for compiled, eager computed it.
+    assert apply_rademacher(got, 8, 0.25, backend="compiled") == "eager"
+    assert last_kernel() == "eager"
     assert torch.equal(got, expected)
     assert perturb._compile_failed

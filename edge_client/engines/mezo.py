@@ -9,7 +9,12 @@ One step on seed ``s`` with batch ``B`` (ε = epsilon, η = learning rate):
 
 Every pass is in place on the flat parameter space; there is no autograd graph, no
 optimizer state and no copy of the weights, so the step's peak memory is that of a
-forward pass. ``z`` is the protocol's device-independent direction, not torch's RNG.
+forward pass with the same loss: the three passes allocate nothing that stays
+(``bench/zo_step.py`` measures each part of a step). What the step does add is fixed
+per process, not per step: building the compiled perturbation kernel leaves
+torch.compile's compiler code and the kernel resident (about 52 MiB on CPU with torch
+2.13; nothing with the eager kernel, ``EDGEFED_PERTURB_BACKEND=eager``, which is
+slower). ``z`` is the protocol's device-independent direction, not torch's RNG.
 The seeds come from the coordinator: all clients of a round step along the same
 directions, which is what lets the coordinator aggregate per seed (FedKSeed, arXiv
 2312.06353, §3; CyBeR-0 for robust per-seed aggregation).
