@@ -4,6 +4,12 @@ Starts a coordinator and N client processes on 127.0.0.1, each client with its o
 share of the data and its own memory budget, shows progress while the rounds run, and
 prints a summary table at the end. Everything (ledger, client data, logs, metrics) goes
 to a run directory.
+
+Each round's line says "fingerprints agree: yes" only when every process it started (the
+clients and the evaluator) reported a fingerprint for that round and all are equal;
+otherwise it names who has not reported and which models differ. The byte figures are the
+coordinator's: websocket frames counted at its sockets, per client connection and per
+round (``/status``; PROTOCOL.md).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +31,9 @@ from typing import Any
 from edge_client.device import parse_bytes
 from edge_client.model import DEFAULT_MODEL, ModelLoadError, base_weights_hash, load_model, resolve_model
 from edge_client.splits import split_records, summarise, write_split
+from protocol.messages import OBSERVER_MODE
 
-__all__ = ["main"]
+__all__ = ["FingerprintVerdict", "RoundProgress", "coordinator_command", "judge_fingerprints", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregation-clip", type=float, default=None,
                         help="bound on |projected gradient| before combining (default: the coordinator's, 1000; "
                              "1e30 turns clipping off)")
+    parser.add_argument("--quorum", type=int, default=None,
+                        help="updates a round needs to commit (default: the coordinator's; for trimmed_mean and "
+                             "median max(3, a majority of --clients), at most --clients, so that the robust "
+                             "method stays in force; for mean a majority)")
     parser.add_argument("--adversaries", type=int, default=0,
                         help="robustness experiments: the last N clients poison their updates "
                              "(edge_client/adversary.py)")
@@ -143,6 +155,108 @@ def wait_until(predicate: Any, timeout: float, failed: Any = lambda: False) -> b
         time.sleep(0.2)
     return True
 
+# -- fingerprint agreement ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FingerprintVerdict:
+    """Whether a federation's processes hold the same model after a round.
+
+    ``agree`` is true only when every expected process reported a fingerprint for the
+    round and all reported fingerprints are equal; ``detail`` says ``"yes"``, or which
+    processes have not reported and which fingerprints differ.
+    """
+
+    agree: bool
+    detail: str
+
+
+def judge_fingerprints(processes: Iterable[str], reports: Mapping[str, str | None],
+                       distinct_recorded: int | None = None) -> FingerprintVerdict:
+    """Decide whether ``processes`` agree on their model after one round.
+
+    Args:
+        processes: the client ids that must have reported (every live process of the
+            federation: the trainers and the evaluator).
+        reports: client id -> the fingerprint it reported for the round (None or absent:
+            none seen). Reports from other clients count too: a fingerprint that differs is
+            a disagreement whoever sent it.
+        distinct_recorded: how many distinct fingerprints the coordinator recorded for
+            the round (``/status`` ``rounds[].fingerprints``), if known. More than one is a
+            disagreement even if ``reports`` (sampled from ``/status`` polls) missed it.
+    """
+    reported = {client: value for client, value in reports.items() if value is not None}
+    problems = []
+    missing = sorted(set(processes) - set(reported))
+    if missing:
+        problems.append("no fingerprint from " + ", ".join(missing))
+    holders: dict[str, list[str]] = {}
+    for client, value in sorted(reported.items()):
+        holders.setdefault(value, []).append(client)
+    if len(holders) > 1:
+        problems.append(" vs ".join(f"{value[:12]} ({', '.join(clients)})" for value, clients in
+                                    sorted(holders.items(), key=lambda item: (-len(item[1]), item[0]))))
+    elif distinct_recorded is not None and distinct_recorded > 1:
+        problems.append(f"the coordinator recorded {distinct_recorded} distinct fingerprints")
+    return FingerprintVerdict(agree=not problems, detail="yes" if not problems else "NO: " + "; ".join(problems))
+
+
+class RoundProgress:
+    """What ``/status`` polls showed: the committed rounds and, per round, the fingerprint
+    each process reported for it.
+
+    ``/status`` shows each client's latest fingerprint only, so a round's reports are
+    collected poll by poll. A round is *settled* once every expected process has reported
+    it or moved past it (a process never reports an earlier round after a later one).
+    """
+
+    def __init__(self, processes: Iterable[str]) -> None:
+        self.processes = sorted(processes)
+        self.rounds: dict[int, dict[str, Any]] = {}  # round number -> its /status rounds[] entry
+        self.reports: dict[int, dict[str, str]] = {}  # round number -> client id -> fingerprint
+        self.latest_reported: dict[str, int] = {}  # client id -> the latest round it reported
+        self.printed_through = 0  # rounds up to this one have had their progress line
+
+    def observe(self, status: Mapping[str, Any]) -> None:
+        for entry in status["rounds"]:
+            self.rounds[entry["round"]] = entry
+        for client in status["clients"]:
+            if client["fingerprint"] is None or client["round"] < 0:
+                continue  # joined, has not reported yet
+            client_id = client["client_id"]
+            # The latest value wins: a client that resyncs replaces its report for the round.
+            self.reports.setdefault(client["round"], {})[client_id] = client["fingerprint"]
+            self.latest_reported[client_id] = max(self.latest_reported.get(client_id, -1), client["round"])
+
+    def settled(self, round_number: int) -> bool:
+        return all(self.latest_reported.get(p, -1) >= round_number for p in self.processes)
+
+    def verdict(self, round_number: int) -> FingerprintVerdict:
+        entry = self.rounds.get(round_number, {})
+        return judge_fingerprints(self.processes, self.reports.get(round_number, {}), entry.get("fingerprints"))
+
+
+# -- running the federation ---------------------------------------------------------------
+
+
+def coordinator_command(args: argparse.Namespace, model_hash: str, run_dir: Path, port_file: Path) -> list[str]:
+    """The ``edgefed-coordinator`` command line for this run."""
+    return [
+        sys.executable, "-m", "coordinator.cli", "--model-hash", model_hash, "--model-name", str(args.model),
+        "--ledger-path", str(run_dir / "ledger.db"), "--port", "0", "--port-file", str(port_file),
+        "--rounds", str(args.rounds), "--scope", args.scope, "--local-steps", str(args.local_steps),
+        "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
+        "--learning-rate", str(args.learning_rate), "--epsilon", str(args.epsilon),
+        "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
+        *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
+        "--aggregation", args.aggregation,
+        *(["--aggregation-clip", str(args.aggregation_clip)] if args.aggregation_clip is not None else []),
+        # No quorum unless asked for: the coordinator's default keeps a robust method in force.
+        "--clients-per-round", str(args.clients), *(["--quorum", str(args.quorum)] if args.quorum is not None else []),
+        "--min-clients", str(args.clients), "--deadline-s", "900", "--commit-wait-s", "30",
+        "--status-file", str(run_dir / "status.json"),
+    ]
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -152,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0 <= args.adversaries <= args.clients:
         print("edgefed-local: --adversaries must be between 0 and --clients", file=sys.stderr)
+        return 2
+    if args.quorum is not None and not 1 <= args.quorum <= args.clients:
+        print("edgefed-local: --quorum must be between 1 and --clients", file=sys.stderr)
         return 2
     try:
         budgets = [parse_bytes(b) for b in args.budgets.split(",") if b.strip()]
@@ -186,24 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     port_file = run_dir / "port"
     metrics_path = run_dir / "eval.jsonl"
     metrics_path.unlink(missing_ok=True)
+    (run_dir / "status.json").unlink(missing_ok=True)  # a reused run directory's would pass for this run's
     processes: list[Process] = []
     evaluator: Process | None = None
+    # Every process but the coordinator reports a fingerprint each round; its name is its client id.
+    progress = RoundProgress([f"client-{index}" for index in range(len(data_paths))]
+                             + (["evaluator"] if heldout is not None else []))
+    status: dict[str, Any] | None = None
     try:
         print(f"[2/4] starting the coordinator (logs in {run_dir})")
-        processes.append(start("coordinator", [
-            sys.executable, "-m", "coordinator.cli", "--model-hash", model_hash, "--model-name", str(args.model),
-            "--ledger-path", str(run_dir / "ledger.db"), "--port", "0", "--port-file", str(port_file),
-            "--rounds", str(args.rounds), "--scope", args.scope, "--local-steps", str(args.local_steps),
-            "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-            "--learning-rate", str(args.learning_rate), "--epsilon", str(args.epsilon),
-            "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
-            *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
-            "--aggregation", args.aggregation,
-            *(["--aggregation-clip", str(args.aggregation_clip)] if args.aggregation_clip is not None else []),
-            "--clients-per-round", str(args.clients), "--quorum", str(max(1, (args.clients + 1) // 2)),
-            "--min-clients", str(args.clients), "--deadline-s", "900", "--commit-wait-s", "30",
-            "--status-file", str(run_dir / "status.json"),
-        ], run_dir, env))
+        processes.append(start("coordinator", coordinator_command(args, model_hash, run_dir, port_file), run_dir, env))
         coordinator = processes[0]
         if not wait_until(port_file.exists, 60, lambda: coordinator.popen.poll() is not None):
             print(coordinator.log_path.read_text()[-2000:], file=sys.stderr)
@@ -237,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--memory-budget", str(budget), "--prompt-format", args.prompt_format,
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
-        status = follow(processes, port, args.rounds, metrics_path)
+        status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json")
         if evaluator is not None and status is not None:
             print("  final evaluation ...")
             wait_until(lambda: evaluator.popen.poll() is not None, 900)
@@ -247,27 +356,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_all(processes)
     wall = time.time() - started
-    final = run_dir / "status.json"
-    if status is not None and final.exists():
-        status = json.loads(final.read_text())
     if status is None:
         print("edgefed-local: the federation did not finish; see the logs in", run_dir, file=sys.stderr)
         return 1
-    summary = report(status, read_metrics(metrics_path), wall, run_dir)
+    summary = report(status, read_metrics(metrics_path), wall, run_dir, progress)
     summary.update(aggregation=args.aggregation, aggregation_clip=args.aggregation_clip, adversaries=args.adversaries,
                    attack=f"{args.attack} x{args.attack_scale:g}" if args.adversaries else None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0 if status.get("finished") else 1
 
 
-def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path) -> dict[str, Any] | None:
-    """Print progress until the coordinator exits; return its last status."""
+# How often /status is polled: a round's fingerprints are visible there only until each
+# process reports the next round, which for a tiny model can be a second later.
+POLL_INTERVAL_S = 0.25
+
+
+def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path, progress: RoundProgress,
+           final_status_path: Path) -> dict[str, Any] | None:
+    """Print progress until the coordinator exits; return its final status (the one it
+    wrote on exit, else the last one polled), or None if a process failed."""
     coordinator = processes[0]
     last_status: dict[str, Any] | None = None
-    shown = 0
     last_line = ""
     interactive = sys.stdout.isatty()
-    round_started = time.time()
     while coordinator.popen.poll() is None:
         for process in processes[1:]:
             code = process.popen.poll()
@@ -277,82 +388,157 @@ def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path)
         status = fetch_status(port)
         if status is not None:
             last_status = status
-            evals = {entry["round"]: entry for entry in read_metrics(metrics_path)}
-            for entry in status["rounds"]:
-                if entry["round"] > shown:
-                    shown = entry["round"]
-                    agree = "yes" if entry["fingerprints"] <= 1 else "NO"
-                    line = (f"  round {entry['round']:>3}/{rounds}  {time.time() - round_started:5.0f}s  "
-                            f"updates {entry['num_updates']}  probe loss {entry['loss_before']:.4f} -> "
-                            f"{entry['loss_after']:.4f}  fingerprints agree: {agree}")
-                    previous = evals.get(entry["round"] - 1)
-                    if previous is not None:
-                        line += f"  (eval loss before it: {previous['eval_loss']:.4f})"
-                    print(("\r" if interactive else "") + line.ljust(len(last_line)))
-                    last_line, round_started = "", time.time()
+            progress.observe(status)
+            clear = len(last_line) if interactive else 0
+            if print_round_lines(progress, rounds, read_metrics(metrics_path), clear=clear):
+                last_line = ""
             open_round = status.get("open_round")
             if open_round and interactive:
-                line = (f"  round {open_round['round']:>3}/{rounds}  {time.time() - round_started:5.0f}s  "
+                line = (f"  round {open_round['round']:>3}/{rounds}  "
                         f"training: {len(open_round['received'])}/{len(open_round['assigned'])} updates in")
                 print("\r" + line.ljust(len(last_line)), end="", flush=True)
                 last_line = line
-        time.sleep(1.0)
+        time.sleep(POLL_INTERVAL_S)
+    if final_status_path.exists():
+        # Taken after the coordinator waited for the last round's fingerprints.
+        last_status = json.loads(final_status_path.read_text())
+        progress.observe(last_status)
+    print_round_lines(progress, rounds, read_metrics(metrics_path), final=True,
+                      clear=len(last_line) if interactive else 0)
     return last_status
 
 
-def report(status: dict[str, Any], evals: list[dict[str, Any]], wall: float, run_dir: Path) -> dict[str, Any]:
-    """Print the final tables, write metrics.jsonl and the plot; return the summary figures."""
-    clients = [c for c in status["clients"] if c["mode"] != "observe"]
-    per_round_bytes = [c["bytes_per_round"] for c in clients if c.get("bytes_per_round")]
-    bytes_per_client_round = sum(per_round_bytes) / len(per_round_bytes) if per_round_bytes else None
+def print_round_lines(progress: RoundProgress, rounds: int, evals: list[dict[str, Any]], *, final: bool = False,
+                      clear: int = 0) -> bool:
+    """Print one line per committed round whose fingerprints are settled (every round when
+    ``final``), in order; return whether anything was printed."""
+    evals_by_round = {entry["round"]: entry for entry in evals}
+    printed = False
+    for round_number in sorted(r for r in progress.rounds if r > progress.printed_through):
+        entry = progress.rounds[round_number]
+        if not (final or progress.settled(round_number)):
+            break  # keep the lines in round order
+        previous = progress.rounds.get(round_number - 1)
+        took = f"{entry['committed_at'] - previous['committed_at']:5.0f}s" if previous else " " * 6
+        line = (f"  round {round_number:>3}/{rounds}  {took}  updates {entry['num_updates']}  "
+                f"probe loss {_loss(entry['loss_before'])} -> {_loss(entry['loss_after'])}  "
+                f"fingerprints agree: {progress.verdict(round_number).detail}")
+        if entry.get("robust") is False:
+            line += f"  (not robust: {entry.get('values_min')} values for some seed)"
+        before = evals_by_round.get(round_number - 1)
+        if before is not None:
+            line += f"  (eval loss before it: {before['eval_loss']:.4f})"
+        print(("\r" if clear else "") + line.ljust(clear))
+        progress.printed_through = round_number
+        clear, printed = 0, True
+    return printed
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def round_rows(progress: RoundProgress, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per committed round: losses, the bytes measured on the wire that round, how
+    robustly it was aggregated, and whether every process reported the same model."""
     eval_by_round = {e["round"]: e for e in evals}
     rows = []
-    uplink = 0.0
-    for entry in status["rounds"]:
-        uplink += (bytes_per_client_round or 0) * entry["num_updates"]
-        ev = eval_by_round.get(entry["round"], {})
-        rows.append({"round": entry["round"], "updates": entry["num_updates"],
+    uplink_total: int | None = 0
+    downlink_total: int | None = 0
+    for round_number in sorted(progress.rounds):
+        entry = progress.rounds[round_number]
+        up, down = entry["wire_bytes_up"], entry["wire_bytes_down"]
+        # A round committed before this coordinator process started has no measurement,
+        # so from there on a running total is unknown.
+        uplink_total = None if uplink_total is None or up is None else uplink_total + up
+        downlink_total = None if downlink_total is None or down is None else downlink_total + down
+        ev = eval_by_round.get(round_number, {})
+        verdict = progress.verdict(round_number)
+        rows.append({"round": round_number, "updates": entry["num_updates"],
                      "probe_loss_before": entry["loss_before"], "probe_loss_after": entry["loss_after"],
                      "eval_loss": ev.get("eval_loss"), "rouge_l": ev.get("rouge_l"),
-                     "exact_match": ev.get("exact_match"), "uplink_bytes_total": round(uplink),
+                     "exact_match": ev.get("exact_match"),
+                     "wire_bytes_up": up, "wire_bytes_down": down,
+                     "uplink_bytes_total": uplink_total, "downlink_bytes_total": downlink_total,
+                     "values_min": entry["values_min"], "robust": entry["robust"],
+                     "fingerprints_agree": verdict.agree, "fingerprints": verdict.detail,
                      "committed_at": entry["committed_at"]})
-    base = eval_by_round.get(0)
+    return rows
+
+
+def wire_figures(status: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Bytes per training client per round, as measured at the coordinator's sockets
+    (websocket frames, handshake, pings and close frames included; TCP/IP not).
+
+    ``bytes_per_client_round``: uplink only (client -> coordinator: its update, its
+    fingerprint, pongs), summed over the rounds and divided by the updates they committed.
+    ``wire_bytes_per_client_round``: both directions, the mean over the training clients
+    of each one's ``wire_bytes_per_round``.
+    """
+    measured = [row for row in rows if row["wire_bytes_up"] is not None and row["updates"]]
+    updates = sum(row["updates"] for row in measured)
+    up = sum(row["wire_bytes_up"] for row in measured) / updates if updates else None
+    per_client = [c["wire_bytes_per_round"] for c in status["clients"]
+                  if c["mode"] != OBSERVER_MODE and c["wire_bytes_per_round"] is not None]
+    both = sum(per_client) / len(per_client) if per_client else None
+    return {"bytes_per_client_round": up, "wire_bytes_per_client_round": both}
+
+
+def report(status: dict[str, Any], evals: list[dict[str, Any]], wall: float, run_dir: Path,
+           progress: RoundProgress) -> dict[str, Any]:
+    """Print the final tables, write metrics.jsonl and the plot; return the summary figures."""
+    rows = round_rows(progress, evals)
+    wire = wire_figures(status, rows)
+    base = next((e for e in evals if e["round"] == 0), None)
     with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as out:
         if base is not None:
             out.write(json.dumps({"round": 0, "eval_loss": base["eval_loss"], "rouge_l": base["rouge_l"],
-                                  "exact_match": base["exact_match"], "uplink_bytes_total": 0}) + "\n")
+                                  "exact_match": base["exact_match"], "uplink_bytes_total": 0,
+                                  "downlink_bytes_total": 0}) + "\n")
         for row in rows:
             out.write(json.dumps(row) + "\n")
 
     print()
-    print(f"{'round':>5}  {'updates':>7}  {'probe loss':>17}  {'eval loss':>9}  {'uplink bytes':>12}")
+    print("wire bytes: websocket frames measured at the coordinator's sockets, summed over the clients "
+          "that trained the round")
+    print(f"{'round':>5}  {'updates':>7}  {'probe loss':>17}  {'eval loss':>9}  {'up (B)':>8}  {'down (B)':>8}"
+          f"  {'uplink total':>12}")
     if base is not None:
-        print(f"{0:>5}  {'':>7}  {'':>17}  {base['eval_loss']:>9.4f}  {0:>12}")
+        print(f"{0:>5}  {'':>7}  {'':>17}  {base['eval_loss']:>9.4f}  {'':>8}  {'':>8}  {0:>12}")
     for row in rows:
         ev = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-"
-        print(f"{row['round']:>5}  {row['updates']:>7}  {row['probe_loss_before']:>7.4f} -> {row['probe_loss_after']:<7.4f}"
-              f"  {ev:>9}  {row['uplink_bytes_total']:>12}")
+        print(f"{row['round']:>5}  {row['updates']:>7}  {_loss(row['probe_loss_before']):>7} -> "
+              f"{_loss(row['probe_loss_after']):<7}  {ev:>9}  {_count(row['wire_bytes_up']):>8}  "
+              f"{_count(row['wire_bytes_down']):>8}  {_count(row['uplink_bytes_total']):>12}")
     print()
-    print(f"{'client':<10} {'device':<6} {'budget':>8} {'round':>5} {'sent/round (B)':>14} {'fingerprint':<18}")
+    print(f"{'client':<10} {'device':<6} {'budget':>8} {'round':>5} {'wire B/round':>12} {'up (B)':>8} "
+          f"{'down (B)':>9} {'fingerprint':<18}")
     for client in status["clients"]:
         budget = client["device"].get("memory_budget_bytes")
-        per_round = client.get("bytes_per_round")
+        per_round = client["wire_bytes_per_round"]
         print(f"{client['client_id']:<10} {client['device']['device_type']:<6} "
               f"{(budget or 0) / 2**30:>6.1f}Gi {client['round']:>5} "
-              f"{'-' if per_round is None else f'{per_round:.0f}':>14} {str(client['fingerprint'])[:16]:<18}")
-    fingerprints = {c["fingerprint"] for c in status["clients"]}
+              f"{'-' if per_round is None else f'{per_round:.0f}':>12} {client['wire_bytes_up']:>8} "
+              f"{client['wire_bytes_down']:>9} {str(client['fingerprint'])[:16]:<18}")
+    print("(wire B/round: up + down per round it trained; up, down: its whole connection, handshake included)")
+    final_round = status["round"]
+    verdict = judge_fingerprints(progress.processes, {c["client_id"]: c["fingerprint"] for c in status["clients"]
+                                                      if c["round"] == final_round})
     decoded = [e for e in evals if e.get("rouge_l") is not None]
     before = decoded[0] if decoded else None
     after = decoded[-1] if len(decoded) > 1 else None
+    aggregation = status.get("aggregation") or {}
     summary = {
-        "rounds": status["round"], "wall_s": round(wall, 1), "bytes_per_client_round": bytes_per_client_round,
+        "rounds": final_round, "wall_s": round(wall, 1), **wire,
         "eval_loss_before": evals[0]["eval_loss"] if evals else None,
         "eval_loss_after": evals[-1]["eval_loss"] if evals else None,
         "rouge_l_before": before["rouge_l"] if before else None, "rouge_l_after": after["rouge_l"] if after else None,
         "exact_match_before": before["exact_match"] if before else None,
         "exact_match_after": after["exact_match"] if after else None,
         "heldout_examples": evals[0]["examples"] if evals else 0,
-        "fingerprints_agree": len(fingerprints) == 1,
+        "fingerprints_agree": verdict.agree, "fingerprints": verdict.detail,
+        "quorum": aggregation.get("quorum"),
+        "rounds_not_robust": sum(1 for row in rows if row["robust"] is False),
     }
     print()
     if evals:
@@ -362,12 +548,17 @@ def report(status: dict[str, Any], evals: list[dict[str, Any]], wall: float, run
             print(f"; Rouge-L {before['rouge_l']:.4f} -> {after['rouge_l']:.4f}; "
                   f"exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}", end="")
         print()
-    print(f"rounds: {status['round']}  wall time: {wall:.0f}s  bytes sent per client per round: "
-          f"{bytes_per_client_round or 0:.0f}  all clients hold the same model: "
-          f"{'yes' if summary['fingerprints_agree'] else 'NO'}")
+    up, both = wire["bytes_per_client_round"], wire["wire_bytes_per_client_round"]
+    print(f"rounds: {final_round}  wall time: {wall:.0f}s  wire bytes per client per round: "
+          f"{'-' if up is None else f'{up:.0f}'} up, {'-' if both is None else f'{both:.0f}'} up+down  "
+          f"all clients hold the same model: {verdict.detail}")
     plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "eval_loss.png")
     print(f"metrics.jsonl, {plot.name if plot else 'no plot'}, summary.json, the ledger and every log are in {run_dir}")
     return summary
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def plot_metrics(metrics: Path, out: Path) -> Path | None:
@@ -381,12 +572,13 @@ def plot_metrics(metrics: Path, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    rounds = [r["round"] for r in rows]
-    losses = [r["eval_loss"] for r in rows]
-    by_round.plot(rounds, losses, marker="o")
+    by_round.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], marker="o")
     by_round.set(xlabel="round", ylabel="held-out loss", title="Held-out loss by round")
-    by_bytes.plot([r["uplink_bytes_total"] / 1024 for r in rows], losses, marker="o", color="tab:orange")
-    by_bytes.set(xlabel="uplink KiB, all clients", ylabel="held-out loss", title="Held-out loss by bytes sent")
+    measured = [r for r in rows if r.get("uplink_bytes_total") is not None]
+    by_bytes.plot([r["uplink_bytes_total"] / 1024 for r in measured], [r["eval_loss"] for r in measured],
+                  marker="o", color="tab:orange")
+    by_bytes.set(xlabel="uplink KiB on the wire, all clients", ylabel="held-out loss",
+                 title="Held-out loss by bytes sent")
     for axis in (by_round, by_bytes):
         axis.grid(alpha=0.3)
     fig.savefig(out, dpi=100)

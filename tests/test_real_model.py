@@ -72,6 +72,10 @@ def _table(rounds):
 
 
 def test_a_mezo_step_on_the_real_model_is_finite_and_moves_the_weights(real_space):
+    """Margins (the step is deterministic: seed 99, a fixed batch): observed projected
+    gradient 8.14 against |grad| < 1e4 (a bound for "finite and not blown up", 3 orders of
+    magnitude of margin), loss_plus 6.32 against (0, 20) (margin 6.3 below, 13.7 above),
+    and loss_plus - loss_minus = 0.016 against != 0."""
     model, tokenizer, space = real_space
     from edge_client.data import BatchStream, Record, tokenize
 
