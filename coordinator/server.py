@@ -730,9 +730,10 @@ class Coordinator:
             "rounds": [
                 {"round": r.round, "attempt": r.attempt, "num_updates": r.num_updates,
                  "loss_before": r.loss_before, "loss_after": r.loss_after, "committed_at": r.committed_at,
-                 "fingerprints": len(set(self.ledger.fingerprints(r.round).values())),
+                 "fingerprints": len(set(reports.values())), "fingerprint_reports": reports,
                  **self._round_meter_status(r.round)}
                 for r in recent
+                for reports in (self.ledger.fingerprints(r.round),)
             ],
             "aggregation": {"method": self.config.aggregation, "robust_min_values": ROBUST_MIN_VALUES,
                             "quorum": self.config.commit_quorum},

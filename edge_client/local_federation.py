@@ -205,9 +205,10 @@ class RoundProgress:
     """What ``/status`` polls showed: the committed rounds and, per round, the fingerprint
     each process reported for it.
 
-    ``/status`` shows each client's latest fingerprint only, so a round's reports are
-    collected poll by poll. A round is *settled* once every expected process has reported
-    it or moved past it (a process never reports an earlier round after a later one).
+    Each ``rounds[]`` entry carries the round's recorded reports (``fingerprint_reports``,
+    from the ledger), so no report is missed between polls; each client's latest
+    fingerprint is merged in too. A round is *settled* once every expected process has
+    reported it or moved past it (a process never reports an earlier round after a later one).
     """
 
     def __init__(self, processes: Iterable[str]) -> None:
@@ -220,13 +221,17 @@ class RoundProgress:
     def observe(self, status: Mapping[str, Any]) -> None:
         for entry in status["rounds"]:
             self.rounds[entry["round"]] = entry
+            for client_id, fingerprint in (entry.get("fingerprint_reports") or {}).items():
+                self._record(entry["round"], client_id, fingerprint)
         for client in status["clients"]:
             if client["fingerprint"] is None or client["round"] < 0:
                 continue  # joined, has not reported yet
-            client_id = client["client_id"]
-            # The latest value wins: a client that resyncs replaces its report for the round.
-            self.reports.setdefault(client["round"], {})[client_id] = client["fingerprint"]
-            self.latest_reported[client_id] = max(self.latest_reported.get(client_id, -1), client["round"])
+            self._record(client["round"], client["client_id"], client["fingerprint"])
+
+    def _record(self, round_number: int, client_id: str, fingerprint: str) -> None:
+        # The latest value wins: a client that resyncs replaces its report for the round.
+        self.reports.setdefault(round_number, {})[client_id] = fingerprint
+        self.latest_reported[client_id] = max(self.latest_reported.get(client_id, -1), round_number)
 
     def settled(self, round_number: int) -> bool:
         return all(self.latest_reported.get(p, -1) >= round_number for p in self.processes)

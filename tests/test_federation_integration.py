@@ -83,6 +83,20 @@ def test_a_round_is_judged_once_every_process_reported_it_or_moved_past_it():
     assert not progress.settled(3)
 
 
+def test_reports_missed_between_polls_are_read_from_the_rounds_ledger_record():
+    """The client list shows only each process's latest fingerprint: a fast round's reports
+    can all be replaced before a poll sees them. The round's ``fingerprint_reports`` (from
+    the ledger) keep them, so the verdict is exact instead of a false NO."""
+    progress = RoundProgress(["client-0", "evaluator"])
+    snapshot = status_snapshot([1, 2], [("client-0", 2, FP_A), ("evaluator", 2, FP_A)])
+    snapshot["rounds"][0]["fingerprint_reports"] = {"client-0": FP_B, "evaluator": FP_B}
+    progress.observe(snapshot)
+    assert progress.settled(1) and progress.verdict(1).agree
+    snapshot["rounds"][0]["fingerprint_reports"] = {"client-0": FP_B, "evaluator": FP_A}
+    progress.observe(snapshot)
+    assert not progress.verdict(1).agree
+
+
 def test_edgefed_local_leaves_the_quorum_to_the_coordinator_unless_given(tmp_path):
     def quorum_passed(*argv: str) -> str | None:
         command = coordinator_command(build_parser().parse_args(list(argv)), "0" * 64, tmp_path, tmp_path / "port")
