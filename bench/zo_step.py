@@ -81,7 +81,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from edge_client.data import Batch, DataError, Record, collate, format_prompt, tokenize  # noqa: E402
-from edge_client.engines.mezo import MeZOConfig, MeZOEngine  # noqa: E402
+from edge_client.engines.mezo import MeZOSettings, MeZOEngine  # noqa: E402
 from edge_client.model import DEFAULT_MODEL, load_model, resolve_model  # noqa: E402
 from edge_client.scope import ScopeConfig, build_space  # noqa: E402
 from protocol import perturb  # noqa: E402
@@ -226,7 +226,7 @@ def child_main(kind: str, source: str, batch_size: int, seq_len: int, ops: int, 
     interp_ru = _measure.ru_maxrss_kib()
 
     model, space, batch, counted, _ = load_everything(source, batch_size, seq_len, backend)
-    engine = MeZOEngine(model, space, MeZOConfig())
+    engine = MeZOEngine(model, space, MeZOSettings())
     space_rss = _rss_now_kib()
     compile_s = None
     if kind == "zo":
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     _log("timing: loading the model ...")
     model, space, batch, counted, model_dir = load_everything(args.model, args.batch_size,
                                                               args.seq_len, args.backend)
-    engine = MeZOEngine(model, space, MeZOConfig())
+    engine = MeZOEngine(model, space, MeZOSettings())
     vocab = model.config.vocab_size
     _log("timing: perturbation passes ...")
     pt = time_perturbation(model, space, repeats=5 * args.repeats)

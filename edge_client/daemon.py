@@ -29,7 +29,7 @@ import signal
 import ssl
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
-from edge_client.engines import Engine, LocalUpdate, RoundPlan, available_engines, get_engine
+from edge_client.engines import Engine, EngineSettings, LocalUpdate, RoundPlan, engine_policy, get_engine
 from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
@@ -229,15 +229,20 @@ class EdgeClient:
                             lora_alpha=federation.scope.lora_alpha,
                             lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
                             lora_init_seed=federation.scope.lora_init_seed)
-        self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
+        # The engine prepares the model it trains (gradients, adapters, dropped layers)
+        # around the federation's space; an observer only needs the space.
+        if self.engine_cls is not None:
+            self.model, space = self.engine_cls.prepare(self.model, scope,
+                                                        distribution=federation.perturbation)  # type: ignore[arg-type]
+        else:
+            self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
         where = copies_location(self.config.copies, self.report.kind, scope.kind)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
                               copies_dir=round_copy_directory(self.config.cache_dir),
                               copies_owner=self.config.client_id)
         if self.engine_cls is not None:
             assert self.choice is not None
-            self.engine = self.engine_cls(self.model, space,
-                                          self.engine_cls.config_cls(micro_batch=self.choice.batch))
+            self.engine = self.engine_cls(self.model, space, self._settings_for(None))
             self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len,
                                       prompt_format=self.prompt_format)
             seed = zlib.crc32(self.config.client_id.encode())
@@ -246,6 +251,12 @@ class EdgeClient:
         self.federation = federation
         logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
                     federation.federation_id, scope.kind, space.numel, len(self._examples))
+
+    def _settings_for(self, values: Mapping[str, object] | None) -> EngineSettings:
+        """The engine's settings for a round task's ``settings`` map and our micro-batch."""
+        assert self.engine_cls is not None and self.choice is not None
+        return self.engine_cls.settings_cls.from_task(values, micro_batch=self.choice.batch,
+                                                      mode=self.engine_cls.name)
 
     def _sweep_stale_copies(self) -> None:
         """Remove the round-start copies that killed clients left in the cache (a live
@@ -573,7 +584,7 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         extra["round_copies"] = copy_count * trainable * 4  # float32
     forced = None if mode == "auto" else mode
     return choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
-                  available=available_engines(), forced=forced, budget_source=report.budget_source, extra=extra)
+                  policy=engine_policy(), forced=forced, budget_source=report.budget_source, extra=extra)
 
 
 def _decode(frame: str | bytes) -> Message:

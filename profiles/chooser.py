@@ -17,11 +17,14 @@ The policy
    footprint, but it trains on an approximation of the model (full-precision bases come
    first).
 
-A mode is offered only when this client has an engine for it (the engine registry is
-the registration: a later issue that adds ``droppeft`` registers its engine and the
-chooser starts offering it, memory model from its row here). For the task the
-federation announced (scope, batch size, sequence length) :func:`choose` walks the
-policy in order and takes the first mode whose estimated peak, at some batch, fits the
+Each engine declares its own row (``Engine.policy`` in ``edge_client/engines/``: rank,
+kind, memory model), and the client passes the rows of the engines it has
+(``edge_client.engines.engine_policy()``) to :func:`choose`: a mode is offered only when
+this client has an engine for it, and adding a mode edits nothing here. :data:`POLICY`
+is the product's plan, every mode with its row, built or not: the device table
+(``edgefed-profiles --modes all``) reads it to show where planned modes would fit. For
+the task the federation announced (scope, batch size, sequence length) :func:`choose`
+walks the offered rows by rank and takes the first mode whose estimated peak, at some batch, fits the
 usable memory (the budget less the headroom); within it, the largest batch from the
 task's batch size down to 1 (the engine then processes the task's batch in
 micro-batches of that size: the same examples, the same loss). If nothing fits it raises
@@ -33,7 +36,7 @@ out of memory later.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,28 +60,34 @@ class PolicyEntry:
     Attributes:
         mode: the engine's name (as sent in the hello).
         kind: what the mode does, in a few words.
+        rank: its place in the policy, lower first: how much progress one step buys.
         memory_mode: the :func:`profiles.estimator.estimate` mode that models its peak.
         memory_options: extra keyword arguments of that estimate (e.g. a drop ratio).
+        memory: a mode whose peak no estimator mode models gives its own function of
+            (shape, task, batch) -> Estimate, built from the estimator's terms; it wins
+            over ``memory_mode``.
     """
 
     mode: str
     kind: str
-    memory_mode: str
+    rank: int
+    memory_mode: str = "forward"
     memory_options: Mapping[str, Any] = field(default_factory=dict)
+    memory: Callable[[ModelShape, "TrainingTask", int], Estimate] | None = field(default=None, compare=False)
 
 
 POLICY: tuple[PolicyEntry, ...] = (
-    PolicyEntry("ferret", "first-order, shared-randomness projection", "sgd"),
-    PolicyEntry("droppeft", "first-order, stochastic layer dropout", "dropout", {"drop_ratio": 0.5}),
-    PolicyEntry("fedcybgd", "cyclic block updates", "block", {"block_layers": 1}),
-    PolicyEntry("mezo", "zeroth-order", "mezo"),
-    PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", "emulator", {"base_bits": 4}),
+    PolicyEntry("ferret", "first-order, shared-randomness projection", 10, "sgd"),
+    PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout", {"drop_ratio": 0.5}),
+    PolicyEntry("fedcybgd", "cyclic block updates", 30, "block", {"block_layers": 1}),
+    PolicyEntry("mezo", "zeroth-order", 40, "mezo"),
+    PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", 50, "emulator", {"base_bits": 4}),
 )
 
 
-def policy_entry(mode: str) -> PolicyEntry | None:
-    """The policy's row for ``mode``, or None for a mode the policy does not know."""
-    return next((entry for entry in POLICY if entry.mode == mode), None)
+def policy_entry(mode: str, policy: Sequence[PolicyEntry] = POLICY) -> PolicyEntry | None:
+    """The row of ``mode`` in ``policy`` (default: the product's plan), or None."""
+    return next((entry for entry in policy if entry.mode == mode), None)
 
 
 @dataclass(frozen=True)
@@ -143,8 +152,11 @@ class ModeUnavailable(ValueError):
 def estimate_mode(entry: PolicyEntry, shape: ModelShape, task: TrainingTask, batch: int,
                   extra: Mapping[str, int] | None = None) -> Estimate:
     """The estimated peak of ``entry``'s mode at ``batch``, plus ``extra`` named parts."""
-    est = estimate(shape, entry.memory_mode, batch=batch, seq_len=task.max_seq_len,
-                   scope=task.scope, lora_rank=task.lora_rank, **dict(entry.memory_options))
+    if entry.memory is not None:
+        est = entry.memory(shape, task, batch)
+    else:
+        est = estimate(shape, entry.memory_mode, batch=batch, seq_len=task.max_seq_len,
+                       scope=task.scope, lora_rank=task.lora_rank, **dict(entry.memory_options))
     if extra:
         est = Estimate(est.mode, {**est.breakdown, **{k: int(v) for k, v in extra.items()}})
     return est
@@ -177,22 +189,23 @@ def _round_up_budget(need: int, headroom: float) -> int:
 
 
 def choose(shape: ModelShape, task: TrainingTask, *, budget_bytes: int, headroom: float,
-           available: Collection[str], forced: str | None = None, budget_source: str = "budget",
+           policy: Sequence[PolicyEntry], forced: str | None = None, budget_source: str = "budget",
            extra: Mapping[str, int] | None = None) -> Choice:
-    """Pick the best mode of :data:`POLICY` that fits, and the largest batch for it.
+    """Pick the best-ranked mode of ``policy`` that fits, and the largest batch for it.
 
     Args:
         shape: the model.
         task: the federation's task.
         budget_bytes: memory training may use (detected or set by the user).
         headroom: fraction of the budget kept free (0 <= headroom < 1).
-        available: modes this client has engines for.
+        policy: the rows of the modes this client has engines for (any order; walked by
+            rank).
         forced: a mode the user insists on, or None to choose.
         budget_source: where the budget came from (for the explanation).
         extra: parts every mode pays on top of its step (e.g. the round-start copy).
 
     Raises:
-        ModeUnavailable: ``forced`` is not among ``available``.
+        ModeUnavailable: ``forced`` is not in ``policy``.
         NoModeFits: no offered mode (or the forced one) fits even at batch 1.
     """
     if budget_bytes < 1:
@@ -204,15 +217,12 @@ def choose(shape: ModelShape, task: TrainingTask, *, budget_bytes: int, headroom
     short_text = f"only {gib(usable)} is usable ({gib(budget_bytes)} {budget_source} - {headroom:.0%} headroom)"
     setting = f"x {task.max_seq_len} tokens"
 
+    offered = sorted(policy, key=lambda entry: (entry.rank, entry.mode))
     if forced is not None:
-        if forced not in available:
-            raise ModeUnavailable(f"mode {forced!r} is not available in this client "
-                                  f"(available: {', '.join(sorted(available)) or 'none'})")
-        entry = policy_entry(forced)
+        entry = policy_entry(forced, offered)
         if entry is None:
-            return Choice(forced, task.batch_size, None, usable,
-                          f"{forced} (forced), batch {task.batch_size}/{task.batch_size} {setting}: "
-                          f"no memory model for this mode, not checked against {budget_text}")
+            raise ModeUnavailable(f"mode {forced!r} is not available in this client "
+                                  f"(available: {', '.join(e.mode for e in offered) or 'none'})")
         found = _largest_batch(entry, shape, task, usable, extra)
         if found is None:
             need = estimate_mode(entry, shape, task, 1, extra).total
@@ -225,10 +235,8 @@ def choose(shape: ModelShape, task: TrainingTask, *, budget_bytes: int, headroom
                       f"{forced} (forced; {entry.kind}), batch {batch}/{task.batch_size} {setting}: "
                       f"estimated peak {gib(est.total)} of {budget_text}")
 
-    offered = [entry for entry in POLICY if entry.mode in available]
     if not offered:
-        raise ModeUnavailable(f"none of this client's modes ({', '.join(sorted(available)) or 'none'}) "
-                              f"is in the policy ({', '.join(e.mode for e in POLICY)})")
+        raise ModeUnavailable("this client has no training mode")
     passed_over: list[str] = []
     needs: list[int] = []
     for entry in offered:

@@ -4,7 +4,7 @@ Run from anywhere once installed::
 
     edgefed-profiles                       # full-parameter task, batch 8 x 256 tokens
     edgefed-profiles --scope lora --batch 4 --seq-len 512
-    edgefed-profiles --modes all           # also the modes whose engines are not built yet
+    edgefed-profiles --modes all           # also the modes whose engines are not built yet (marked *)
     edgefed-profiles --json profiles/data/device-estimates.json
 
 Every cell is the chooser's decision (:func:`profiles.chooser.choose`, the same call the
@@ -31,9 +31,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from profiles.chooser import POLICY, Choice, ModeUnavailable, NoModeFits, TrainingTask, choose
+from profiles.chooser import POLICY, Choice, ModeUnavailable, NoModeFits, PolicyEntry, TrainingTask, choose
 from profiles.estimator import ModelShape
 
 __all__ = ["DEVICES", "MODELS", "DeviceSpec", "plan_table", "main"]
@@ -104,36 +105,39 @@ def _measured_models() -> set[str]:
     return names
 
 
-def _implemented_modes() -> set[str]:
-    """Modes the client has engines for (imports the engines, hence torch)."""
-    from edge_client.engines import available_engines
+def merged_policy(built: Sequence[PolicyEntry]) -> list[PolicyEntry]:
+    """The built engines' rows, then the plan's rows (:data:`POLICY`) of modes not built."""
+    names = {entry.mode for entry in built}
+    return sorted([*built, *(entry for entry in POLICY if entry.mode not in names)],
+                  key=lambda entry: (entry.rank, entry.mode))
 
-    return set(available_engines())
 
-
-def plan_cell(shape: ModelShape, task: TrainingTask, device: DeviceSpec, available: set[str],
-              headroom: float = DEFAULT_HEADROOM) -> dict[str, Any]:
-    """The chooser's decision for one device and model, as a table cell."""
+def plan_cell(shape: ModelShape, task: TrainingTask, device: DeviceSpec, policy: Sequence[PolicyEntry],
+              headroom: float = DEFAULT_HEADROOM, built: Collection[str] = ()) -> dict[str, Any]:
+    """The chooser's decision for one device and model, as a table cell; a mode with no
+    engine in ``built`` is marked ``*`` (planned)."""
     try:
         choice: Choice = choose(shape, task, budget_bytes=device.budget_bytes, headroom=headroom,
-                                available=available, budget_source="budget")
+                                policy=policy, budget_source="budget")
     except NoModeFits as error:
         return {"mode": None, "batch": 0, "needs_bytes": error.smallest_budget_bytes,
                 "text": f"- (needs {error.smallest_budget_bytes / GIB:.1f} GiB)"}
     except ModeUnavailable:
         return {"mode": None, "batch": 0, "needs_bytes": None, "text": "- (no mode)"}
     assert choice.estimate is not None
-    return {"mode": choice.mode, "batch": choice.batch, "peak_bytes": choice.estimate.total,
-            "text": f"{choice.mode} b{choice.batch} ({choice.estimate.total / GIB:.1f})"}
+    state = "built" if choice.mode in built else "planned"
+    mark = "" if state == "built" else "*"
+    return {"mode": choice.mode, "state": state, "batch": choice.batch, "peak_bytes": choice.estimate.total,
+            "text": f"{choice.mode}{mark} b{choice.batch} ({choice.estimate.total / GIB:.1f})"}
 
 
-def plan_table(task: TrainingTask, available: set[str], headroom: float = DEFAULT_HEADROOM
-               ) -> list[dict[str, Any]]:
+def plan_table(task: TrainingTask, policy: Sequence[PolicyEntry], headroom: float = DEFAULT_HEADROOM,
+               built: Collection[str] = ()) -> list[dict[str, Any]]:
     """One row per device: its budget and the cell of every model."""
     shapes = {name: ModelShape.from_hf_config(config) for name, config in MODELS.items()}
     rows = []
     for device in DEVICES:
-        cells = {name: plan_cell(shape, task, device, available, headroom) for name, shape in shapes.items()}
+        cells = {name: plan_cell(shape, task, device, policy, headroom, built) for name, shape in shapes.items()}
         rows.append({"device": device.name, "memory_bytes": device.memory_bytes,
                      "budget_bytes": device.budget_bytes, "note": device.note, "models": cells})
     return rows
@@ -151,7 +155,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, built: Sequence[PolicyEntry] = ()) -> int:
+    """The ``edgefed-profiles`` command. ``built`` is the rows of the engines this client
+    has; the installed command (:mod:`edge_client.profiles_cli`) passes the engine
+    registry's, since this torch-free package cannot import the engines."""
     parser = argparse.ArgumentParser(
         prog="edgefed-profiles",
         description="Which training mode and batch common devices would run, per model size (estimated).")
@@ -173,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"edgefed-profiles: {error}", file=sys.stderr)
         return 2
-    available = {entry.mode for entry in POLICY} if args.modes == "all" else _implemented_modes()
-    rows = plan_table(task, available, args.headroom)
+    built_names = {entry.mode for entry in built}
+    policy = merged_policy(built) if args.modes == "all" else sorted(built, key=lambda e: (e.rank, e.mode))
+    rows = plan_table(task, policy, args.headroom, built_names)
     measured = _measured_models()
     print(f"task: {args.scope} scope, batch {args.batch} x {args.seq_len} tokens; modes: "
-          f"{', '.join(e.mode for e in POLICY if e.mode in available)} (policy order); "
-          f"headroom {args.headroom:.0%}")
+          f"{', '.join(e.mode + ('' if e.mode in built_names else '*') for e in policy) or 'none'} "
+          f"(policy order; * planned, no engine yet); headroom {args.headroom:.0%}")
     print("cell: mode, largest batch that fits, estimated peak in GiB; '-': nothing fits, "
           "with the budget the cheapest mode would need")
     print(format_table(rows))
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
           "not measured.")
     if args.json is not None:
         payload = {"task": {"scope": args.scope, "batch": args.batch, "seq_len": args.seq_len,
-                            "lora_rank": args.lora_rank}, "modes": sorted(available),
+                            "lora_rank": args.lora_rank},
+                   "modes": {e.mode: ("built" if e.mode in built_names else "planned") for e in policy},
                    "headroom": args.headroom, "estimated": True, "measured_models": sorted(measured),
                    "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -297,7 +297,7 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
     import transformers  # noqa: F401
 
     from edge_client.data import Batch
-    from edge_client.engines.mezo import MeZOConfig, MeZOEngine
+    from edge_client.engines.mezo import MeZOSettings, MeZOEngine
     from edge_client.loss import causal_lm_loss
     from edge_client.model import load_model, resolve_model
     from edge_client.scope import ScopeConfig, build_space
@@ -337,7 +337,7 @@ def _child(mode: str, source: str, batch_size: int, seq_len: int, device: str, o
             return causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)[0]
     elif mode == "mezo":
         model, space = build_space(model, ScopeConfig(kind=scope, lora_rank=options.lora_rank))
-        engine = MeZOEngine(model, space, MeZOConfig(chunk_tokens=chunk_tokens))
+        engine = MeZOEngine(model, space, MeZOSettings(chunk_tokens=chunk_tokens))
         space.apply(SEED, 0.0)  # compiles the perturbation kernel once, before the baseline
 
         def op() -> float:

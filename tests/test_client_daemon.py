@@ -116,7 +116,7 @@ def test_the_plan_printed_is_the_plan_the_daemon_runs(tmp_path: Path, tiny: Tiny
     task = TrainingTask(scope="full", batch_size=batch, max_seq_len=seq_len)
     # Just enough for a batch of 2 and two float32 copies of the model.
     budget = estimate_mode(policy_entry("mezo"), shape, task, 2).total + 2 * shape.param_count * 4
-    assert choose(shape, task, budget_bytes=budget, headroom=0.0, available=["mezo"]).batch == batch  # without them
+    assert choose(shape, task, budget_bytes=budget, headroom=0.0, policy=[policy_entry("mezo")]).batch == batch  # without them
 
     def printed_plan(copies: str) -> str:
         assert cli.main(["--plan", "--model", str(tiny.directory), "--device", "cpu", "--memory-budget", str(budget),
@@ -145,7 +145,7 @@ def test_the_plan_printed_is_the_plan_the_daemon_runs(tmp_path: Path, tiny: Tiny
                         "alpha's hello")
             seen["status_plan"] = (client_status(server, "alpha") or {}).get("plan")
             await asyncio.wait_for(running, TIMEOUT_S)  # the one round, then goodbye
-            seen["choice"], seen["micro_batch"] = client.choice, client.engine.config.micro_batch
+            seen["choice"], seen["micro_batch"] = client.choice, client.engine.settings.micro_batch
             seen["rounds_trained"] = client.rounds_trained
 
     asyncio.run(body())

@@ -1,12 +1,18 @@
-"""Training modes. Each is one module; registering it here is one line."""
+"""Training modes. Each is one module of this package, found and registered on its own
+(see :mod:`edge_client.engines.base` for what a mode declares)."""
 
-from edge_client.engines.base import Engine, EngineError, LocalUpdate, RoundPlan
-from edge_client.engines.mezo import MeZOConfig, MeZOEngine
-from edge_client.engines.registry import available_engines, get_engine, register_engine
-
-register_engine(MeZOEngine)
+from edge_client.engines.base import Engine, EngineError, EngineSettings, LocalUpdate, RoundPlan, SettingsError
+from edge_client.engines.registry import (
+    UnknownModeError,
+    available_engines,
+    engine_policy,
+    get_engine,
+    load_engines,
+    register_engine,
+    unregister_engine,
+)
 
 __all__ = [
-    "Engine", "EngineError", "LocalUpdate", "RoundPlan", "MeZOConfig", "MeZOEngine",
-    "available_engines", "get_engine", "register_engine",
+    "Engine", "EngineError", "EngineSettings", "LocalUpdate", "RoundPlan", "SettingsError", "UnknownModeError",
+    "available_engines", "engine_policy", "get_engine", "load_engines", "register_engine", "unregister_engine",
 ]

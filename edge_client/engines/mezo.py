@@ -30,16 +30,26 @@ from typing import Any
 
 import torch
 
-from edge_client.engines.base import BatchSource, Engine, EngineError, LocalUpdate, ProgressFn, RoundPlan
+from edge_client.engines.base import (
+    BatchSource,
+    Engine,
+    EngineError,
+    EngineSettings,
+    LocalUpdate,
+    ProgressFn,
+    RoundPlan,
+    SettingsError,
+)
 from edge_client.space import ParameterSpace
+from profiles.chooser import PolicyEntry
 
-__all__ = ["MeZOConfig", "MeZOEngine"]
+__all__ = ["MeZOSettings", "MeZOEngine"]
 
 LossFn = Callable[[torch.nn.Module, Any], float]
 
 
 @dataclass(frozen=True)
-class MeZOConfig:
+class MeZOSettings(EngineSettings):
     """Settings of the zeroth-order engine.
 
     Attributes:
@@ -47,19 +57,16 @@ class MeZOConfig:
             the logits buffer to chunk_tokens x vocabulary floats.
         probe_losses: measure the loss of the round's first batch before and after the
             local steps (two extra forward passes) for the update's loss_before/after.
-        micro_batch: rows per forward pass (the chooser's batch); the task's batch is
-            processed in slices of this many rows with the same loss. None: all at once.
+        micro_batch: (inherited) rows per forward pass.
     """
 
     chunk_tokens: int = 1024
     probe_losses: bool = True
-    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+            raise SettingsError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
 
 def _default_loss(chunk_tokens: int, micro_batch: int | None) -> LossFn:
@@ -79,13 +86,20 @@ class MeZOEngine(Engine):
     """Zeroth-order SPSA steps on the coordinator's seeds."""
 
     name = "mezo"
-    config_cls = MeZOConfig
+    settings_cls = MeZOSettings
+    policy = PolicyEntry("mezo", "zeroth-order", 40, "mezo")
 
-    def __init__(self, model: torch.nn.Module, space: ParameterSpace, config: MeZOConfig | None = None,
+    def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: MeZOSettings | None = None,
                  *, loss_fn: LossFn | None = None) -> None:
-        super().__init__(model, space, config)
-        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.config.chunk_tokens,
-                                                                          self.config.micro_batch)
+        super().__init__(model, space, settings)
+        self._custom_loss = loss_fn
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.settings.chunk_tokens,
+                                                                          self.settings.micro_batch)
+
+    def update_settings(self, settings: MeZOSettings) -> None:  # type: ignore[override]
+        super().update_settings(settings)
+        if self._custom_loss is None:
+            self.loss_fn = _default_loss(self.settings.chunk_tokens, self.settings.micro_batch)
 
     def _loss(self, batch: Any) -> float:
         value = float(self.loss_fn(self.model, batch))
@@ -116,16 +130,16 @@ class MeZOEngine(Engine):
             steps = len(plan.seeds)
             for index, seed in enumerate(plan.seeds):
                 batch = data.next_batch()
-                if index == 0 and self.config.probe_losses:
+                if index == 0 and self.settings.probe_losses:
                     probe = batch
                     loss_before = self._loss(probe)
                 grad, loss_plus, loss_minus = self.step(seed, batch, plan.learning_rate, plan.epsilon)
                 pairs.append((seed, grad))
-                if index == 0 and not self.config.probe_losses:
+                if index == 0 and not self.settings.probe_losses:
                     loss_before = 0.5 * (loss_plus + loss_minus)
                 if progress is not None:
                     progress(index + 1, steps, 0.5 * (loss_plus + loss_minus))
-            if self.config.probe_losses:
+            if self.settings.probe_losses:
                 loss_after = self._loss(probe)
             else:
                 loss_after = 0.5 * (loss_plus + loss_minus)
