@@ -561,7 +561,7 @@ DEVICE = DeviceProfile(device_type="cpu", device_name="chaos", accelerator_total
                        host_total_bytes=1 << 30, host_free_bytes=1 << 29, memory_budget_bytes=None)
 
 
-def hello(client_id: str = "probe", *, version: tuple[int, int] = (1, 0), model_hash: str = HASH) -> Hello:
+def hello(client_id: str = "probe", *, version: tuple[int, int] = (2, 0), model_hash: str = HASH) -> Hello:
     return Hello(protocol_version=version, client_id=client_id, device=DEVICE, mode="mezo", model_hash=model_hash,
                  last_round=0, table_digest=None, plan=None, public_key=None, signature=None)
 
@@ -683,8 +683,8 @@ def _build_cases() -> list[HostileCase]:
     for name, phase, frame, path in _FIELD_CASES:
         cases.append(HostileCase(name, phase, "error", "invalid_field", 1007, frame=frame, field_path=path))
     cases += [
-        HostileCase("hello of protocol 2.0", "handshake", "reject", "version", 1002,
-                    frame=codec.encode(hello(version=(2, 0)))),
+        HostileCase("hello of protocol 3.0", "handshake", "reject", "version", 1002,
+                    frame=codec.encode(hello(version=(3, 0)))),
         HostileCase("hello of protocol 65535.0, other shape", "handshake", "reject", "version", 1002,
                     frame=_pack({"type": "hello", "protocol_version": [65535, 0], "identity": {"key": b"x"}})),
         HostileCase("hello with a foreign model hash", "handshake", "reject", "model_mismatch", 1008,

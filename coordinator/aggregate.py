@@ -192,9 +192,13 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
     in client_id order.
 
     Raises:
-        ValueError: no updates, two updates from one client, or an update missing a seed.
+        ValueError: no updates, two updates from one client, or an update with a seed
+            the round does not have.
         RuleError: an unknown method name.
         TableError: a coefficient that overflows float32.
+
+    A seed's values are those of the updates that carry it: a client is handed a prefix
+    of the round's seeds, as many as its mode takes.
     """
     rule = as_rule(rule)
     if not updates:
@@ -204,14 +208,18 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
         if first.client_id == second.client_id:
             raise ValueError(f"two updates from client {first.client_id!r}")
     by_client = [(update.client_id, update.num_examples, dict(update.pairs)) for update in ordered]
+    known = set(seeds)
+    for client_id, _, pairs in by_client:
+        if not pairs.keys() <= known:
+            raise ValueError(f"the update from {client_id!r} has values for seeds the round does not have")
     coefficients: list[tuple[int, float]] = []
     dropped = clipped = empty_seeds = 0
     values_min = len(by_client)
     for seed in seeds:
         values: list[tuple[int, float]] = []
         for client_id, num_examples, pairs in by_client:
-            if seed not in pairs:
-                raise ValueError(f"the update from {client_id!r} has no value for seed {seed}")
+            if seed not in pairs:  # the client's mode was handed fewer seeds (PROTOCOL.md §6.11)
+                continue
             values.append((num_examples, pairs[seed]))
         finite = [abs(value) for _, value in values if math.isfinite(value)]
         dropped += len(values) - len(finite)

@@ -24,6 +24,14 @@ Example (every key optional except where noted)::
     aggregation_clip = 1000.0         # bound on |projected gradient|, (0, 1e30]
     aggregation_max_examples = 10000  # cap on an update's num_examples weight, [1, 10**9]
 
+    [modes.ferret]              # per training mode (the client's hello names its mode):
+    seeds = 1024                # seeds its clients get each round (default: local_steps)
+    local_steps = 4             # every other key goes to those clients in round_task.settings
+
+    [modes.droppeft]
+    adapt = "dropout_ratio"     # a setting the coordinator tunes per client with a bandit
+    adapt_values = [0.25, 0.5, 0.75]   # (coordinator/adaptive.py)
+
     [rounds]
     clients_per_round = 3
     quorum = 3                  # updates to commit at the deadline; default: default_quorum()
@@ -47,13 +55,14 @@ import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, AggregationRule, RuleError
 from coordinator.tls import TlsError, check_transport
 from protocol import limits
+from protocol.messages import InvalidMessage, SettingsKind
 
 __all__ = ["ConfigError", "FederationConfig", "default_quorum", "load_config"]
 
@@ -92,7 +101,14 @@ class FederationConfig:
         aggregation_clip: bound on |projected gradient| before combining.
         aggregation_max_examples: cap on an update's num_examples weight.
         learning_rate, epsilon: the MeZO step size and perturbation scale.
-        local_steps: seeds per round (each client takes one step per seed).
+        local_steps: seeds per round for a client whose mode sets no ``seeds`` in
+            ``modes`` (a MeZO client takes one step per seed).
+        modes: per training mode (the name a client's hello gives), its settings: the key
+            ``seeds`` (how many of the attempt's seeds its clients get, a prefix of the
+            attempt's list, PROTOCOL.md §6.11) and any others, which go to its clients in
+            ``round_task.settings`` (the client checks their names and types), except
+            ``adapt`` and ``adapt_values``: a setting the coordinator tunes per client
+            and the values it tries (:mod:`coordinator.adaptive`).
         batch_size, max_seq_len: the clients' batch shape.
         rounds: rounds to run (0 = until stopped).
         clients_per_round: clients asked to train in a round.
@@ -155,6 +171,7 @@ class FederationConfig:
     insecure: bool = False
     max_connections_per_address: int = 256
     max_connections_in_handshake: int = 1024
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -179,9 +196,11 @@ class FederationConfig:
             raise bad("pool_key", "must be in [0, 2**63)")
         if not 1 <= self.rebase_every <= limits.MAX_SYNC_ROUNDS:
             raise bad("rebase_every", f"must be between 1 and {limits.MAX_SYNC_ROUNDS}")
-        if self.seed_pool_size + (self.rebase_every - 1) * self.local_steps > MAX_SYNC_PAIRS:
-            raise bad("rebase_every", f"a sync (seed_pool_size + (rebase_every - 1) * local_steps = "
-                      f"{self.seed_pool_size + (self.rebase_every - 1) * self.local_steps} pairs) must fit one "
+        self._check_modes()
+        most = self.max_seeds_per_round
+        if self.seed_pool_size + (self.rebase_every - 1) * most > MAX_SYNC_PAIRS:
+            raise bad("rebase_every", f"a sync (seed_pool_size + (rebase_every - 1) * seeds per round = "
+                      f"{self.seed_pool_size + (self.rebase_every - 1) * most} pairs) must fit one "
                       f"frame: at most {MAX_SYNC_PAIRS} pairs")
         if self.scope == "lora":
             if not 1 <= self.lora_rank <= limits.MAX_LORA_RANK:
@@ -217,6 +236,53 @@ class FederationConfig:
             check_transport(self.host, tls=self.tls_cert is not None, insecure=self.insecure)
         except TlsError as error:
             raise ConfigError(str(error)) from None
+
+    def _check_modes(self) -> None:
+        if not isinstance(self.modes, dict):
+            raise ConfigError(f"modes: expected a table per mode, got {self.modes!r}")
+        for mode, table in self.modes.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"modes.{mode}: expected a table, got {table!r}")
+            seeds = table.get("seeds", self.local_steps)
+            if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= limits.MAX_SEEDS_PER_ROUND:
+                raise ConfigError(f"modes.{mode}.seeds: must be an integer between 1 and "
+                                  f"{limits.MAX_SEEDS_PER_ROUND} (got {seeds!r})")
+            if seeds > self.seed_pool_size:
+                raise ConfigError(f"modes.{mode}.seeds: cannot exceed seed_pool_size ({self.seed_pool_size}); "
+                                  "seeds in a round are distinct")
+            settings = self.settings_for_mode(mode)
+            if "adapt" in table or "adapt_values" in table:
+                name, values = table.get("adapt"), table.get("adapt_values")
+                if not isinstance(name, str) or not isinstance(values, list) or not values \
+                        or len(values) > limits.MAX_MODE_SETTINGS:
+                    raise ConfigError(f"modes.{mode}: adapt (a setting's name) and adapt_values (1 to "
+                                      f"{limits.MAX_MODE_SETTINGS} values) go together")
+                if name in settings:
+                    raise ConfigError(f"modes.{mode}: {name} is both fixed and adapted")
+                for value in values:  # each value must be sendable in round_task.settings
+                    settings_with = {**settings, name: value}
+                    try:
+                        SettingsKind(limits.MAX_MODE_SETTINGS).check(settings_with, f"modes.{mode}")
+                    except InvalidMessage as error:
+                        raise ConfigError(str(error)) from None
+            try:
+                SettingsKind(limits.MAX_MODE_SETTINGS).check(settings, f"modes.{mode}")
+            except InvalidMessage as error:
+                raise ConfigError(str(error)) from None
+
+    def seeds_for_mode(self, mode: str) -> int:
+        """How many seeds a client of ``mode`` gets each round."""
+        return int(self.modes.get(mode, {}).get("seeds", self.local_steps))
+
+    def settings_for_mode(self, mode: str) -> dict[str, Any]:
+        """What a client of ``mode`` gets in ``round_task.settings``."""
+        return {key: value for key, value in self.modes.get(mode, {}).items() if key not in _COORDINATOR_KEYS}
+
+    @property
+    def max_seeds_per_round(self) -> int:
+        """The most seeds an attempt can hand out (the attempt takes the most its chosen
+        clients' modes need)."""
+        return max([self.local_steps, *(self.seeds_for_mode(mode) for mode in self.modes)])
 
     @property
     def commit_quorum(self) -> int:
@@ -260,6 +326,9 @@ def default_quorum(aggregation: str, clients_per_round: int) -> int:
         return min(clients_per_round, max(ROBUST_MIN_VALUES, majority))
     return majority
 
+
+# Keys of a [modes.<name>] table that the coordinator reads itself (not sent to clients).
+_COORDINATOR_KEYS = frozenset({"seeds", "adapt", "adapt_values"})
 
 # AggregationRule parameter -> the FederationConfig field that sets it
 _RULE_FIELDS: dict[str, str] = {
@@ -313,6 +382,16 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _mode_tables(path: str | Path, content: Any) -> dict[str, dict[str, Any]]:
+    """The ``[modes.<name>]`` tables, each a table of scalars."""
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: [modes] must hold one table per mode, e.g. [modes.ferret]")
+    for mode, table in content.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: modes.{mode} must be a table ([modes.{mode}])")
+    return {mode: dict(table) for mode, table in content.items()}
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> FederationConfig:
     """Read a TOML file (optional) and apply overrides (dataclass field names).
 
@@ -328,8 +407,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         for table, content in document.items():
+            if table == "modes":
+                values["modes"] = _mode_tables(path, content)
+                continue
             if table not in _TOML_KEYS or not isinstance(content, dict):
-                raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join(_TOML_KEYS)}")
+                raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join([*_TOML_KEYS, 'modes'])}")
             for key, value in content.items():
                 if key not in _TOML_KEYS[table]:
                     raise ConfigError(f"{path}: unknown key {table}.{key}")
@@ -337,7 +419,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
                 values[name] = _coerce(name, value)
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _coerce(name, value)
+            values[name] = value if name == "modes" else _coerce(name, value)
     if "model_hash" not in values:
         raise ConfigError("model_hash: required ([model] hash in the config, or --model-hash)")
     try:

@@ -43,7 +43,15 @@ __all__ = [
     "table_digest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added the adaptive_settings table; a version-1 ledger gains it when opened.
+_ADAPTIVE_SETTINGS_TABLE = """CREATE TABLE adaptive_settings (
+    client_id  TEXT NOT NULL,
+    mode       TEXT NOT NULL,
+    state_json TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (client_id, mode)
+)"""
 MAX_SEED = 2**63 - 1
 
 
@@ -187,7 +195,7 @@ CREATE TABLE clients (
     first_seen  REAL NOT NULL,
     last_seen   REAL NOT NULL
 );
-"""
+""" + _ADAPTIVE_SETTINGS_TABLE + ";\n"
 
 _APPEND_ONLY_TABLES = ("rounds", "coefficients", "contributions")
 
@@ -445,6 +453,10 @@ class Ledger:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 raise LedgerError(f"{self._path!r} has no schema_version; not a ledger")
+            if row[0] == "1":  # additive migration: nothing of version 1 changes
+                conn.execute(_ADAPTIVE_SETTINGS_TABLE)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                return
             if row[0] != str(SCHEMA_VERSION):
                 raise LedgerError(
                     f"{self._path!r} has ledger schema version {row[0]!r}; "
@@ -791,6 +803,22 @@ class Ledger:
                 " mode = excluded.mode, last_seen = excluded.last_seen",
                 (client_id, device_json, mode, now, now),
             )
+
+    def save_adaptive_state(self, client_id: str, mode: str, state: dict[str, Any]) -> None:
+        """Keep the coordinator's adaptive state (a bandit's) for a client's mode."""
+        text = json.dumps(state, sort_keys=True)
+        with self._transaction("save_adaptive_state", write=True) as conn:
+            conn.execute(
+                "INSERT INTO adaptive_settings (client_id, mode, state_json, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (client_id, mode) DO UPDATE SET state_json = excluded.state_json,"
+                " updated_at = excluded.updated_at", (client_id, mode, text, time.time()))
+
+    def adaptive_state(self, client_id: str, mode: str) -> dict[str, Any] | None:
+        """The state :meth:`save_adaptive_state` kept, or None."""
+        with self._transaction("adaptive_state", write=False) as conn:
+            row = conn.execute("SELECT state_json FROM adaptive_settings WHERE client_id = ? AND mode = ?",
+                               (client_id, mode)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def clients(self) -> list[dict[str, Any]]:
         """Return all known clients ordered by first_seen, then client_id.

@@ -34,6 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from coordinator.adaptive import AdaptiveSettings
 from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, aggregate_with_report, log_report
 from coordinator.allowlist import (
     OPEN_MODE_WARNING,
@@ -152,6 +153,7 @@ class Coordinator:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.ledger = ledger
+        self.adaptive = AdaptiveSettings(config.modes, ledger)  # per-client tuned mode settings
         for key, value in config.identity().items():
             ledger.set_meta_once(key, value)
         if config.pool_key is not None:
@@ -173,6 +175,7 @@ class Coordinator:
         self._server: Server | None = None
         self.port: int | None = None
         self.started_at = time.time()
+        self.first_task_at: float | None = None
         self.finished = False
         self.final_status: dict[str, Any] | None = None
         # None: open mode (any client, nothing authenticated), for local federations.
@@ -317,32 +320,45 @@ class Coordinator:
             return all(cid in self.sessions and self.sessions[cid].round >= last for cid in expected)
         return True
 
-    def _seeds_for(self, round_number: int, attempt: int) -> list[int]:
+    def _seeds_for(self, round_number: int, attempt: int, count: int) -> list[int]:
         rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}")
-        steps = self.config.local_steps
-        indices = rng.sample(range(self.config.seed_pool_size), steps)
+        indices = rng.sample(range(self.config.seed_pool_size), count)
         return [pool_seed(self.pool_key, index) for index in indices]
+
+    def _task_for(self, session: ClientSession, round_number: int, attempt: int, seeds: list[int]) -> RoundTask:
+        """The client's task: the first ``seeds_for_mode`` seeds of the attempt and its
+        mode's settings (PROTOCOL.md §6.11)."""
+        config = self.config
+        return RoundTask(
+            round=round_number, attempt=attempt, base_round=round_number - 1,
+            seeds=tuple(seeds[:config.seeds_for_mode(session.mode)]),
+            learning_rate=config.learning_rate, epsilon=config.epsilon, batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len, scope=config.scope, deadline_s=config.deadline_s,
+            settings=tuple({**config.settings_for_mode(session.mode),
+                            **self.adaptive.assign(session.client_id, session.mode, round_number)}.items()),
+        )
 
     async def _run_attempt(self, round_number: int, attempt: int) -> bool:
         config = self.config
         ready = sorted(self._ready_clients(), key=lambda s: s.client_id)
         rng = random.Random(f"clients:{self.pool_key}:{round_number}:{attempt}")
         chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
-        seeds = self._seeds_for(round_number, attempt)
+        # As many seeds as the chosen clients' modes need; each client gets a prefix.
+        seeds = self._seeds_for(round_number, attempt, max(config.seeds_for_mode(s.mode) for s in chosen))
+        tasks = {session.client_id: self._task_for(session, round_number, attempt, seeds) for session in chosen}
         quorum = min(config.commit_quorum, len(chosen))
-        machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum)
+        machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum,
+                               client_seeds={cid: task.seeds for cid, task in tasks.items()})
         self.machine = machine
-        task = RoundTask(
-            round=round_number, attempt=attempt, base_round=round_number - 1, seeds=tuple(seeds),
-            learning_rate=config.learning_rate, epsilon=config.epsilon, batch_size=config.batch_size,
-            max_seq_len=config.max_seq_len, scope=config.scope, deadline_s=config.deadline_s,
-        )
+        if self.first_task_at is None:
+            self.first_task_at = time.time()
         logger.info("round %d attempt %d: %d seeds to %s", round_number, attempt, len(seeds),
-                    ", ".join(s.client_id for s in chosen))
+                    ", ".join(f"{s.client_id} ({s.mode}, {len(tasks[s.client_id].seeds)})" for s in chosen))
         for session in chosen:
             session.busy_round = round_number
         self._assigned = {session.client_id: session for session in chosen}
-        await self._broadcast(chosen, task)
+        for session in chosen:  # in the background, as _broadcast does: a client that does not read holds up no one
+            self._spawn(self._send_safely(session, tasks[session.client_id]))
         finished = await self._wait_for(lambda: machine.is_ready() or self._no_one_left_to_answer(machine),
                                         config.deadline_s)
         if not machine.is_ready():
@@ -642,6 +658,7 @@ class Coordinator:
                                                    field=refusal.field, round=refusal.round))
             return
         if not outcome.duplicate:
+            self.adaptive.update_received(session.client_id, update.round, update.loss_before, update.loss_after)
             session.rounds_participated += 1
             session.busy_round = None
             session.last_loss_before = update.loss_before
@@ -714,6 +731,9 @@ class Coordinator:
             "rounds_total": self.config.rounds,
             "finished": self.finished,
             "uptime_s": round(time.time() - self.started_at, 1),
+            # When this process handed out its first task (None before): with the rounds'
+            # committed_at, how long the training took.
+            "first_task_at": self.first_task_at,
             "open_round": None if machine is None or machine.state in (RoundState.COMMITTED, RoundState.ABANDONED)
             else {"round": machine.round, "attempt": machine.attempt, "assigned": sorted(machine.assigned),
                   "received": sorted(machine.updates)},
@@ -723,6 +743,7 @@ class Coordinator:
                  "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
                  "rounds_participated": s.rounds_participated,
+                 "adaptive": self.adaptive.status(s.client_id, s.mode),
                  "wire_bytes_up": s.connection.wire_bytes_up, "wire_bytes_down": s.connection.wire_bytes_down,
                  "wire_bytes_per_round": self._wire_bytes_per_round(s.client_id)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.client_id)

@@ -39,7 +39,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
-from edge_client.engines import Engine, EngineSettings, LocalUpdate, RoundPlan, engine_policy, get_engine
+from edge_client.engines import (
+    Engine,
+    EngineSettings,
+    LocalUpdate,
+    RoundPlan,
+    SettingsError,
+    engine_policy,
+    get_engine,
+)
 from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
@@ -162,6 +170,7 @@ class EdgeClient:
         # The engine class is chosen once the federation's task is known (the challenge).
         self.engine_cls: type[Engine] | None = None
         self.choice: Choice | None = None
+        self.federation_task: TrainingTask | None = None  # what the choice was made for
         # Raises IdentityError (one line) for a missing, unreadable or too-open key file.
         self.identity = ClientIdentity.load(config.key_path) if config.key_path else None
         self._ssl = None
@@ -254,9 +263,10 @@ class EdgeClient:
 
     def _settings_for(self, values: Mapping[str, object] | None) -> EngineSettings:
         """The engine's settings for a round task's ``settings`` map and our micro-batch."""
-        assert self.engine_cls is not None and self.choice is not None
-        return self.engine_cls.settings_cls.from_task(values, micro_batch=self.choice.batch,
-                                                      mode=self.engine_cls.name)
+        assert self.engine_cls is not None and self.choice is not None and self.federation_task is not None
+        settings = self.engine_cls.settings_cls.from_task(values, micro_batch=self.choice.batch,
+                                                          mode=self.engine_cls.name)
+        return self.engine_cls.fit_settings(settings, shape=self.shape, task=self.federation_task, choice=self.choice)
 
     def _sweep_stale_copies(self) -> None:
         """Remove the round-start copies that killed clients left in the cache (a live
@@ -275,6 +285,7 @@ class EdgeClient:
         """
         task = TrainingTask(scope=federation.scope.kind, batch_size=federation.batch_size,
                             max_seq_len=federation.max_seq_len, lora_rank=federation.scope.lora_rank or 8)
+        self.federation_task = task
         try:
             return plan_training(self.shape, task, self.report, copies=self.config.copies,
                                  rebase_every=federation.rebase_every, mode=self.config.mode)
@@ -444,6 +455,12 @@ class EdgeClient:
             return
         if sync.drifted:  # an earlier attempt at this round was abandoned or ended early
             await asyncio.to_thread(sync.discard_local_training)
+        try:  # the mode's settings for this round, from the coordinator's [modes] table
+            self.engine.update_settings(self._settings_for(dict(task.settings)))
+        except SettingsError as error:
+            logger.error("round %d: the coordinator's settings for mode %s are unusable (%s); no update sent",
+                         task.round, self.engine_cls.name if self.engine_cls else "-", error)
+            return
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)

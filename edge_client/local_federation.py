@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefed-local", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clients", type=int, default=3, help="number of client processes")
-    parser.add_argument("--budgets", default="2GiB,4GiB,8GiB",
-                        help="comma-separated memory budgets, one per client (cycled)")
+    parser.add_argument("--budgets", default="0.75GiB,4GiB,8GiB",
+                        help="comma-separated memory budgets, one per client (cycled); each client's chooser picks "
+                             "the best mode that fits its budget (SmolLM2-135M over LoRA: first-order from about "
+                             "0.9 GiB, MeZO below)")
+    parser.add_argument("--mode", default="auto",
+                        help="auto (each client's chooser decides) or a mode every client must run (mezo, ferret)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="builtin name, .gguf file, HF model directory or hub id (with internet)")
@@ -68,13 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-only", action="store_true", help="evaluate held-out loss only (no decoding)")
     parser.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "chat"],
                         help="prompt layout for every client and the evaluator")
-    parser.add_argument("--scope", default="full", choices=["full", "lora"])
-    parser.add_argument("--local-steps", type=int, default=6)
+    parser.add_argument("--scope", default="lora", choices=["full", "lora"])
+    parser.add_argument("--local-steps", type=int, default=24,
+                        help="seeds per round for MeZO clients (one zeroth-order step, two forwards, per seed)")
+    parser.add_argument("--ferret-seeds", type=int, default=1024,
+                        help="seeds per round for projected first-order (ferret) clients (one fused pass each)")
+    parser.add_argument("--ferret-steps", type=int, default=4, help="first-order steps per round of a ferret client")
+    parser.add_argument("--ferret-optimizer", default="sgd", choices=["sgd", "adamw"],
+                        help="sgd keeps ferret's scalars on MeZO's scale (PROTOCOL.md 8.1.2)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=96)
-    parser.add_argument("--learning-rate", type=float, default=2e-6)
+    parser.add_argument("--learning-rate", type=float, default=2e-4,
+                        help="the coordinator's learning rate: MeZO's step size; a ferret client's SGD rate is "
+                             "this x ferret-seeds / ferret-steps")
     parser.add_argument("--epsilon", type=float, default=1e-3)
-    parser.add_argument("--seed-pool-size", type=int, default=256)
+    parser.add_argument("--seed-pool-size", type=int, default=16384)
     parser.add_argument("--rebase-every", type=int, default=4)
     parser.add_argument("--pool-key", type=int, default=1,
                         help="seed-pool key; fixed so that a run is reproducible (-1: random)")
@@ -244,10 +256,23 @@ class RoundProgress:
 # -- running the federation ---------------------------------------------------------------
 
 
+def modes_config(args: argparse.Namespace) -> str:
+    """The coordinator's ``[modes]`` tables for this run (TOML)."""
+    first_order = (f"seeds = {args.ferret_seeds}\nlocal_steps = {args.ferret_steps}\n"
+                   f"optimizer = \"{args.ferret_optimizer}\"\n")
+    # droppeft: ferret's round with layer dropout, its ratio tuned per client by a bandit
+    return (f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}"
+            "adapt = \"dropout_ratio\"\nadapt_values = [0.25, 0.5, 0.75]\n")
+
+
 def coordinator_command(args: argparse.Namespace, model_hash: str, run_dir: Path, port_file: Path) -> list[str]:
-    """The ``edgefed-coordinator`` command line for this run."""
+    """The ``edgefed-coordinator`` command line for this run (its ``[modes]`` tables go to
+    ``run_dir/modes.toml``)."""
+    config = run_dir / "modes.toml"
+    config.write_text(modes_config(args), encoding="utf-8")
     return [
-        sys.executable, "-m", "coordinator.cli", "--model-hash", model_hash, "--model-name", str(args.model),
+        sys.executable, "-m", "coordinator.cli", "--config", str(config),
+        "--model-hash", model_hash, "--model-name", str(args.model),
         "--ledger-path", str(run_dir / "ledger.db"), "--port", "0", "--port-file", str(port_file),
         "--rounds", str(args.rounds), "--scope", args.scope, "--local-steps", str(args.local_steps),
         "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
@@ -348,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(start(f"client-{index}", [
                 sys.executable, "-m", *module, "--url", url,
                 "--client-id", f"client-{index}", "--data", str(data_path), "--model", str(model_dir),
-                "--memory-budget", str(budget), "--prompt-format", args.prompt_format,
+                "--memory-budget", str(budget), "--prompt-format", args.prompt_format, "--mode", args.mode,
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
         status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json")
@@ -383,6 +408,7 @@ def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path,
     coordinator = processes[0]
     last_status: dict[str, Any] | None = None
     last_line = ""
+    plans_shown: set[str] = set()
     interactive = sys.stdout.isatty()
     while coordinator.popen.poll() is None:
         for process in processes[1:]:
@@ -395,6 +421,12 @@ def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path,
             last_status = status
             progress.observe(status)
             clear = len(last_line) if interactive else 0
+            for client in status.get("clients", []):  # each client's one-line plan, once: its mode and why
+                if client.get("plan") and client["client_id"] not in plans_shown:
+                    plans_shown.add(client["client_id"])
+                    print("\r" + " " * clear + "\r" if clear else "", end="")
+                    print(f"  {client['client_id']} plan: {client['plan']}")
+                    clear, last_line = 0, ""
             if print_round_lines(progress, rounds, read_metrics(metrics_path), clear=clear):
                 last_line = ""
             open_round = status.get("open_round")
@@ -516,12 +548,12 @@ def report(status: dict[str, Any], evals: list[dict[str, Any]], wall: float, run
               f"{_loss(row['probe_loss_after']):<7}  {ev:>9}  {_count(row['wire_bytes_up']):>8}  "
               f"{_count(row['wire_bytes_down']):>8}  {_count(row['uplink_bytes_total']):>12}")
     print()
-    print(f"{'client':<10} {'device':<6} {'budget':>8} {'round':>5} {'wire B/round':>12} {'up (B)':>8} "
+    print(f"{'client':<10} {'mode':<8} {'device':<6} {'budget':>8} {'round':>5} {'wire B/round':>12} {'up (B)':>8} "
           f"{'down (B)':>9} {'fingerprint':<18}")
     for client in status["clients"]:
         budget = client["device"].get("memory_budget_bytes")
         per_round = client["wire_bytes_per_round"]
-        print(f"{client['client_id']:<10} {client['device']['device_type']:<6} "
+        print(f"{client['client_id']:<10} {client['mode']:<8} {client['device']['device_type']:<6} "
               f"{(budget or 0) / 2**30:>6.1f}Gi {client['round']:>5} "
               f"{'-' if per_round is None else f'{per_round:.0f}':>12} {client['wire_bytes_up']:>8} "
               f"{client['wire_bytes_down']:>9} {str(client['fingerprint'])[:16]:<18}")
@@ -543,6 +575,7 @@ def report(status: dict[str, Any], evals: list[dict[str, Any]], wall: float, run
         "heldout_examples": evals[0]["examples"] if evals else 0,
         "fingerprints_agree": verdict.agree, "fingerprints": verdict.detail,
         "quorum": aggregation.get("quorum"),
+        "modes": {c["client_id"]: c["mode"] for c in status["clients"] if c["mode"] != OBSERVER_MODE},
         "rounds_not_robust": sum(1 for row in rows if row["robust"] is False),
     }
     print()

@@ -56,6 +56,7 @@ from protocol.messages import (
     Message,
     OptionalKind,
     RecordKind,
+    SettingsKind,
     field_kinds,
     wire_type_name,
 )
@@ -129,6 +130,8 @@ def _value_to_wire(kind: Kind, value: Any) -> Any:
         return None if value is None else _value_to_wire(kind.inner, value)
     if isinstance(kind, ListKind) and _has_records(kind.item):
         return [_value_to_wire(kind.item, item) for item in value]
+    if isinstance(kind, SettingsKind):
+        return dict(value)
     return value
 
 

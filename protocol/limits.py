@@ -11,6 +11,7 @@ from typing import Final
 __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_SEEDS_PER_ROUND",
+    "MAX_MODE_SETTINGS",
     "MAX_TABLE_ENTRIES",
     "MAX_SYNC_ROUNDS",
     "MAX_STRING_CHARS",
@@ -44,6 +45,8 @@ MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 # One forward-difference estimate per seed; a round of more steps than this is not an
 # edge-device workload, and it bounds update/task/commit sizes to ~80 KiB.
 MAX_SEEDS_PER_ROUND: Final = 4096
+# Entries of round_task.settings (a mode's settings for the round).
+MAX_MODE_SETTINGS: Final = 16
 
 # Seeds with a nonzero accumulated total between rebases; the largest list on the wire.
 MAX_TABLE_ENTRIES: Final = 65536
@@ -112,7 +115,7 @@ PUBLIC_KEY_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
 
 # The version this implementation speaks, as (major, minor).
-PROTOCOL_VERSION: Final = (1, 0)
+PROTOCOL_VERSION: Final = (2, 0)
 
 # Major versions this implementation can talk to; minors within a major are compatible.
-SUPPORTED_MAJOR_VERSIONS: Final = (1,)
+SUPPORTED_MAJOR_VERSIONS: Final = (2,)

@@ -37,6 +37,7 @@ from protocol.limits import (
     MAX_LORA_RANK,
     MAX_LORA_TARGETS,
     MAX_ROUND,
+    MAX_MODE_SETTINGS,
     MAX_SAFE_INT,
     MAX_SEED,
     MAX_SEEDS_PER_ROUND,
@@ -66,6 +67,7 @@ __all__ = [
     "TupleKind",
     "SeedPairsKind",
     "RecordKind",
+    "SettingsKind",
     "field_kinds",
     "wire_type_name",
     # records
@@ -498,6 +500,65 @@ class SeedPairsKind(Kind):
         return tuple(result)
 
 
+class SettingsKind(Kind):
+    """A small map of named scalars: a training mode's settings (``round_task.settings``).
+
+    On the wire a map ``{name: value}``; in a message a tuple of ``(name, value)`` pairs
+    sorted by name, so the message stays immutable and compares by content. Names are
+    1-32 characters of ``[a-z0-9_]`` starting with a letter; values are bool, int in
+    ``[-(2**53 - 1), 2**53 - 1]``, finite float or str of at most 256 characters.
+
+    Attributes:
+        max_items: most entries allowed.
+    """
+
+    __slots__ = ("max_items",)
+    _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}", re.ASCII)
+    _TEXT = StrKind(256)
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+
+    def coerce(self, value: Any) -> tuple[tuple[str, Any], ...]:
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = []
+            for item in value:
+                if not isinstance(item, (list, tuple)) or len(item) != 2:
+                    raise _got("map", value)
+                items.append((item[0], item[1]))
+            if len({name for name, _ in items}) != len(items):
+                raise _Bad("duplicate setting name")
+        else:
+            raise _got("map", value)
+        if len(items) > self.max_items:
+            raise _Bad(f"too many settings ({len(items)} > {self.max_items})")
+        result = []
+        for name, item in items:
+            if not isinstance(name, str) or not self._NAME.fullmatch(name):
+                raise _Bad(f"setting names must be 1 to 32 characters of [a-z0-9_] starting with a letter, "
+                           f"got {name!r}"[:200])
+            if isinstance(item, bool):
+                result.append((name, item))
+            elif isinstance(item, int):
+                if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+                    raise _Bad(f"setting {name}: {item} is out of range [-(2**53 - 1), 2**53 - 1]")
+                result.append((name, int(item)))
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    raise _Bad(f"setting {name}: not finite")
+                result.append((name, float(item)))
+            elif isinstance(item, str):
+                try:
+                    result.append((name, self._TEXT.coerce(item)))
+                except _Bad as bad:
+                    raise _Bad(f"setting {name}: {bad.reason}") from None
+            else:
+                raise _Bad(f"setting {name}: expected bool, int, float or str, got {wire_type_name(item)}")
+        return tuple(sorted(result))
+
+
 class RecordKind(Kind):
     """A nested record (one of the tagless dataclasses), carried as a map.
 
@@ -825,6 +886,8 @@ class RoundTask(_Record):
         max_seq_len: longest token sequence.
         scope: ``"full"`` or ``"lora"``.
         deadline_s: seconds the client has to answer.
+        settings: the client's training mode's settings for this round, ``(name,
+            value)`` pairs sorted by name (a map on the wire; PROTOCOL.md §4.3).
     """
 
     TYPE: ClassVar[str] = "round_task"
@@ -841,6 +904,7 @@ class RoundTask(_Record):
     max_seq_len: PositiveField
     scope: Annotated[str, SCOPE_KIND]
     deadline_s: PositiveF64Field
+    settings: Annotated[tuple[tuple[str, Any], ...], SettingsKind(MAX_MODE_SETTINGS)] = ()
 
     def _check(self, path: str) -> None:
         if self.base_round != self.round - 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protocol.errors import InvalidState
@@ -86,11 +86,18 @@ class RoundMachine:
         quorum: updates needed to commit when the deadline passes.
     """
 
-    def __init__(self, round: int, attempt: int, seeds: Iterable[int], assigned: Iterable[str], quorum: int) -> None:
+    def __init__(self, round: int, attempt: int, seeds: Iterable[int], assigned: Iterable[str], quorum: int,
+                 *, client_seeds: Mapping[str, Sequence[int]] | None = None) -> None:
         self.round = round
         self.attempt = attempt
         self.seeds = tuple(seeds)
         self.assigned = frozenset(assigned)
+        # The seeds each client was handed: a prefix of the attempt's (its mode's count);
+        # a client not listed got them all.
+        self.client_seeds = {cid: tuple(handed) for cid, handed in (client_seeds or {}).items()}
+        for cid, handed in self.client_seeds.items():
+            if not handed or handed != self.seeds[:len(handed)]:
+                raise ValueError(f"the seeds handed to {cid!r} must be a non-empty prefix of the attempt's seeds")
         if quorum < 1:
             raise ValueError("quorum must be >= 1")
         self.quorum = quorum
@@ -142,8 +149,9 @@ class RoundMachine:
             raise UpdateRefused("not_assigned", f"client {update.client_id!r} was not given round {self.round}",
                                 round=self.round, field="update.client_id")
         sent = tuple(seed for seed, _ in update.pairs)
-        if sent != self.seeds:
-            extra = sorted(set(sent) - set(self.seeds))
+        handed = self.client_seeds.get(update.client_id, self.seeds)
+        if sent != handed:
+            extra = sorted(set(sent) - set(handed))
             detail = f"seeds {extra[:3]} were not handed out" if extra else "seeds differ from the task's, or are out of order"
             raise UpdateRefused("wrong_seeds", detail, round=self.round, field="update.pairs")
         for index, (_, value) in enumerate(update.pairs):

@@ -220,5 +220,16 @@ def test_aggregate_refuses_bad_input() -> None:
         aggregate(SEEDS, [], LR)
     with pytest.raises(ValueError, match="two updates from client 'a'"):
         aggregate(SEEDS, good * 2, LR)
-    with pytest.raises(ValueError, match="no value for seed 33"):
+    with pytest.raises(ValueError, match="values for seeds the round does not have"):
         aggregate((11, 33), good, LR)
+
+
+def test_a_seed_is_combined_over_the_updates_that_carry_it() -> None:
+    """Clients are handed prefixes of the round's seeds by mode (PROTOCOL.md §6.11): a
+    seed only the long-prefix clients got is combined over their values alone."""
+    seeds = (11, 22, 33)
+    short = update("a", ((11, 4.0),))
+    longs = [update("b", ((11, 1.0), (22, 2.0), (33, 6.0))), update("c", ((11, 7.0), (22, 3.0), (33, 6.0)))]
+    report = aggregate_with_report(seeds, [short, *longs], LR, "trimmed_mean")
+    assert report.coefficients == [(11, fl32(-LR * 4.0)), (22, fl32(-LR * 2.5)), (33, fl32(-LR * 6.0))]
+    assert report.values_min == 2 and not report.robust  # seeds 22 and 33 had two values

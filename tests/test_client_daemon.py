@@ -181,7 +181,8 @@ def test_an_update_carries_the_examples_its_scalars_came_from_not_the_dataset_si
             client = RecordingClient(ClientConfig(
                 url=f"ws://127.0.0.1:{server.port}", client_id="alpha",
                 data_path=str(write_data(tmp_path / "alpha.jsonl", records)), model=str(tiny.directory),
-                device="cpu", copies="memory", memory_budget_bytes=4 << 30, cache_dir=str(tmp_path / "cache")))
+                device="cpu", copies="memory", memory_budget_bytes=4 << 30, cache_dir=str(tmp_path / "cache"),
+                mode="mezo"))  # one batch per seed (ferret's count is its local steps x batch)
             client_holder.append(client)
             client.prepare()
             await asyncio.wait_for(client.run(), TIMEOUT_S)

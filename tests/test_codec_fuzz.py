@@ -92,13 +92,13 @@ federation = FederationInfo(
     seed_pool_size=16, rebase_every=10, perturbation="gaussian", aggregation="mean",
     learning_rate=0.5, epsilon=0.25, local_steps=2, batch_size=4, max_seq_len=64)
 SAMPLES: list[Any] = [
-    Challenge(protocol_version=(1, 0), server_nonce=b"n" * 16, federation_id="fed", federation=federation),
+    Challenge(protocol_version=(2, 0), server_nonce=b"n" * 16, federation_id="fed", federation=federation),
     Welcome(client_id="c", last_committed_round=3, federation=federation),
     RoundTask(round=4, attempt=0, base_round=3, seeds=(1, 2, 3), learning_rate=0.5,
               epsilon=0.25, batch_size=4, max_seq_len=64, scope="full", deadline_s=30.0),
     RoundCommit(round=4, attempt=0, coefficients=((1, 0.5), (2, -0.25)),
                 totals=((1, 1.5), (2, -0.25)), table_digest=DIGEST, num_updates=2),
-    Hello(protocol_version=(1, 0), client_id="c", mode="train", model_hash=DIGEST,
+    Hello(protocol_version=(2, 0), client_id="c", mode="train", model_hash=DIGEST,
           last_round=0, table_digest=None, plan="mezo, batch 4", public_key=None, signature=None,
           device=DeviceProfile(device_type="cpu", device_name="x", accelerator_total_bytes=0,
                                accelerator_free_bytes=0, host_total_bytes=8, host_free_bytes=4,

@@ -115,7 +115,7 @@ async def hello_and_one_round(port: int, client_id: str, source: str) -> int:
             return codec.decode(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
 
         assert isinstance(await recv(), Challenge)
-        await ws.send(codec.encode(Hello(protocol_version=(1, 0), client_id=client_id, device=DEVICE, mode="mezo",
+        await ws.send(codec.encode(Hello(protocol_version=(2, 0), client_id=client_id, device=DEVICE, mode="mezo",
                                          model_hash=HASH, last_round=0, table_digest=None, plan=None,
                                          public_key=None, signature=None)))
         welcome = await recv()
@@ -164,7 +164,7 @@ def test_an_address_whose_connections_all_said_hello_is_refused_a_new_one(tmp_pa
             for name in ("one", "two"):
                 ws = await connect(url, compression=None, open_timeout=TIMEOUT_S)
                 await ws.recv()
-                await ws.send(codec.encode(Hello(protocol_version=(1, 0), client_id=name, device=DEVICE,
+                await ws.send(codec.encode(Hello(protocol_version=(2, 0), client_id=name, device=DEVICE,
                                                  mode="mezo", model_hash=HASH, last_round=0, table_digest=None,
                                                  plan=None, public_key=None, signature=None)))
                 assert isinstance(codec.decode(await ws.recv()), Welcome)

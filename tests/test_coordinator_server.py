@@ -19,7 +19,7 @@ DEVICE = DeviceProfile(device_type="cpu", device_name="test", accelerator_total_
                        host_total_bytes=1 << 30, host_free_bytes=1 << 29, memory_budget_bytes=None)
 
 
-def hello(client_id="c1", version=(1, 0), model_hash=HASH):
+def hello(client_id="c1", version=(2, 0), model_hash=HASH):
     return Hello(protocol_version=version, client_id=client_id, device=DEVICE, mode="mezo", model_hash=model_hash,
                  last_round=0, table_digest=None, plan=None, public_key=None, signature=None)
 
@@ -70,7 +70,7 @@ def test_welcome_then_sync_of_an_empty_ledger(tmp_path):
 @pytest.mark.parametrize(
     "message, code, close",
     [
-        (hello(version=(2, 0)), "version", 1002),
+        (hello(version=(3, 0)), "version", 1002),
         (hello(model_hash="ef" * 32), "model_mismatch", 1008),
     ],
 )
@@ -142,12 +142,12 @@ def test_a_fingerprint_outlier_is_flagged_left_out_and_told_to_resync(tmp_path):
 
 
 def test_a_future_major_version_with_a_different_hello_still_gets_a_version_reject(tmp_path):
-    future_hello = msgpack.packb({"type": "hello", "protocol_version": [2, 3], "identity": {"key": b"x"}})
+    future_hello = msgpack.packb({"type": "hello", "protocol_version": [3, 1], "identity": {"key": b"x"}})
 
     async def body(coordinator, url):
         reply, close_code = await handshake(url, future_hello)
         assert isinstance(reply, Reject) and reply.code == "version"
-        assert reply.supported_versions == ((1, 0),)
+        assert reply.supported_versions == ((2, 0),)
         assert close_code == 1002
 
     asyncio.run(with_coordinator(tmp_path, body))

@@ -142,7 +142,7 @@ class Peer:
         """Connect and say hello; with a ``fingerprint`` report it for the welcome's round."""
         peer = cls(await connect(fed.url, open_timeout=TIMEOUT_S), client_id)
         assert isinstance(await peer.recv(), Challenge)
-        await peer.send(Hello(protocol_version=(1, 0), client_id=client_id, device=DEVICE, mode="mezo",
+        await peer.send(Hello(protocol_version=(2, 0), client_id=client_id, device=DEVICE, mode="mezo",
                               model_hash=HASH, last_round=0, table_digest=None, plan=None, public_key=None,
                               signature=None))
         welcome = await peer.recv()

@@ -157,13 +157,14 @@ class Federation:
             time.sleep(0.1)
         self.port = int(self.port_file.read_text())
 
-    def start_client(self, name: str, data_offset: int, budget: str | None = None) -> None:
+    def start_client(self, name: str, data_offset: int, budget: str | None = None, mode: str = "mezo") -> None:
+        """A client process (forced to ``mode``: these tests' margins are MeZO's)."""
         data = write_data(self.tmp / f"{name}.jsonl", data_offset)
         log = (self.tmp / f"{name}.log").open("a")
         self.clients[name] = subprocess.Popen(
             [sys.executable, "-m", "edge_client.cli", "--url", f"ws://127.0.0.1:{self.port}", "--client-id", name,
              "--data", str(data), "--model", str(self.model_dir), "--device", "cpu", "--copies", "memory",
-             "--memory-budget", budget or f"{data_offset + 1}GiB"],
+             "--memory-budget", budget or f"{data_offset + 1}GiB", "--mode", mode],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
 
@@ -360,7 +361,10 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
          "--rounds", str(LOCAL_RUN["rounds"]), "--max-seq-len", str(LOCAL_RUN["max_seq_len"]),
          "--batch-size", str(LOCAL_RUN["batch_size"]), "--local-steps", str(LOCAL_RUN["local_steps"]),
          "--learning-rate", str(LOCAL_RUN["learning_rate"]), "--epsilon", str(LOCAL_RUN["epsilon"]),
-         "--heldout", "8", "--run-dir", str(run_dir)],
+         "--heldout", "8", "--run-dir", str(run_dir),
+         # The MeZO path at budgets 2/4/8 GiB (the margins below are its frames'; a mixed
+         # federation is tests/test_ferret.py's)
+         "--mode", "mezo", "--scope", "full", "--budgets", "2GiB,4GiB,8GiB"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -378,7 +382,7 @@ def test_edgefed_local_runs_a_whole_federation_and_reports(tmp_path):
     # each trainer chose its mode and batch for the announced task and said why
     for client in trainers:
         budget = client["device"]["memory_budget_bytes"] / 2**30
-        assert client["plan"].startswith("mezo (zeroth-order), batch 4/4 x 200 tokens"), client["plan"]
+        assert client["plan"].startswith("mezo (forced; zeroth-order), batch 4/4 x 200 tokens"), client["plan"]
         assert f"{budget:.2f} GiB set by the user - 10% headroom" in client["plan"]
     # the evaluator (an observer) follows the same ledger: same fingerprint, never trained
     assert [c["mode"] for c in status["clients"] if c not in trainers] == ["observe"]
@@ -463,10 +467,10 @@ def test_a_client_whose_memory_is_too_small_declines_with_the_budget_it_needs(tm
     fed = Federation(tmp_path, rounds=1, rebase_every=1)
     try:
         fed.start_coordinator(min_clients=5)
-        fed.start_client("small", 0, budget="2MiB")
+        fed.start_client("small", 0, budget="2MiB", mode="auto")
         assert fed.clients["small"].wait(120) == 2, fed.log("small")
         log = fed.log("small")
-        assert "no training mode fits: mezo needs" in log and "The smallest budget that would work is" in log
+        assert "no training mode fits: ferret needs" in log and "mezo needs" in log and "The smallest budget that would work is" in log
         assert "Traceback" not in log
         deadline = time.time() + 10
         while "declined to join: no training mode fits" not in fed.log("coordinator"):

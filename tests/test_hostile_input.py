@@ -63,7 +63,7 @@ TIMEOUT_S = 5.0  # the longest any single expected reply may take
 # ----------------------------------------------------------------------------- helpers
 
 
-def hello(client_id: str = "c1", *, version: tuple[int, int] = (1, 0), mode: str = "mezo") -> Hello:
+def hello(client_id: str = "c1", *, version: tuple[int, int] = (2, 0), mode: str = "mezo") -> Hello:
     return Hello(protocol_version=version, client_id=client_id, device=DEVICE, mode=mode, model_hash=HASH,
                  last_round=0, table_digest=None, plan="mezo, batch 4: fits", public_key=None, signature=None)
 
@@ -635,7 +635,7 @@ def test_a_malformed_hello_is_refused_naming_the_field(tmp_path: Path, name: str
 # ------------------------------------------------------------ versions and types
 
 
-@pytest.mark.parametrize("version", [(0, 9), (2, 0), (65535, 65535)])
+@pytest.mark.parametrize("version", [(0, 9), (1, 0), (3, 0), (65535, 65535)])
 def test_an_unknown_major_version_is_rejected_then_closed_1002(tmp_path: Path, version: tuple[int, int]) -> None:
     async def body() -> None:
         async with federation(tmp_path) as fed:
@@ -644,7 +644,7 @@ def test_an_unknown_major_version_is_rejected_then_closed_1002(tmp_path: Path, v
             assert isinstance(await peer.recv(), Challenge)
             await peer.send(hello("future", version=version))
             reply = await peer.recv()
-            assert isinstance(reply, Reject) and reply.code == "version" and reply.supported_versions == ((1, 0),)
+            assert isinstance(reply, Reject) and reply.code == "version" and reply.supported_versions == ((2, 0),)
             assert f"{version[0]}.{version[1]}" in reply.message
             assert (await peer.closed())[0] == 1002
             assert fed.rows() == before
@@ -658,7 +658,7 @@ def test_an_unknown_minor_version_is_welcomed(tmp_path: Path) -> None:
         async with federation(tmp_path) as fed:
             peer = Peer(await connect(fed.url), "newer")
             assert isinstance(await peer.recv(), Challenge)
-            await peer.send(hello("newer", version=(1, 65535)))
+            await peer.send(hello("newer", version=(2, 65535)))
             assert isinstance(await peer.recv(), Welcome)
             await peer.ws.close()
 

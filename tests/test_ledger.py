@@ -405,6 +405,23 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
         Ledger(path)
 
 
+def test_a_version_1_ledger_gains_the_adaptive_settings_table_and_keeps_its_rounds(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with Ledger(path) as led:
+        led.commit_round(1, 0, [(5, 0.25)], [])
+        led._conn.execute("DROP TABLE adaptive_settings")  # type: ignore[union-attr]
+        led._conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # type: ignore[union-attr]
+    with Ledger(path) as led:
+        assert led.get_meta("schema_version") == str(ledger_mod.SCHEMA_VERSION)
+        assert led.last_round() == 1 and led.current_table() == [(5, 0.25)]
+        assert led.adaptive_state("a", "droppeft") is None
+        led.save_adaptive_state("a", "droppeft", {"arms": [1, 2]})
+        led.save_adaptive_state("a", "droppeft", {"arms": [3]})  # replaced, not added
+    with Ledger(path) as led:
+        assert led.adaptive_state("a", "droppeft") == {"arms": [3]}
+        assert led.adaptive_state("b", "droppeft") is None
+
+
 def test_garbage_file_is_reported_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     path.write_bytes(b"this is not an sqlite database" * 200)

@@ -119,7 +119,7 @@ def sync_response() -> SyncResponse:
 
 
 ALL_MESSAGES = [
-    Challenge(protocol_version=(1, 0), server_nonce=bytes(range(32)),
+    Challenge(protocol_version=(2, 0), server_nonce=bytes(range(32)),
               federation_id="smollm2-alpaca.v1", federation=federation()),
     Welcome(client_id="laptop-7", federation=federation(), last_committed_round=12),
     Reject(code="version", message="protocol 2.0 is not supported",
@@ -612,13 +612,15 @@ def test_version_fields() -> None:
 
 def test_hello_with_unsupported_major_is_refused_by_version_first() -> None:
     with pytest.raises(VersionMismatch) as info:
-        decode(encode(hello(protocol_version=(2, 3))))
+        decode(encode(hello(protocol_version=(3, 2))))
     exc = info.value
-    assert (exc.theirs, exc.supported) == ((2, 3), SUPPORTED_MAJOR_VERSIONS)
+    assert (exc.theirs, exc.supported) == ((3, 2), SUPPORTED_MAJOR_VERSIONS)
     assert (exc.error_code, exc.close_code) == ("version", 1002)
-    assert str(exc) == "protocol version 2.3 is not supported (supported major versions: 1)"
+    assert str(exc) == "protocol version 3.2 is not supported (supported major versions: 2)"
     check_version(PROTOCOL_VERSION)
-    check_version((1, 9))
+    check_version((2, 9))  # another minor of the same major is fine
+    with pytest.raises(VersionMismatch):
+        check_version((1, 0))  # 1.x round tasks lack the settings map
 
 
 def test_hello_optional_identity() -> None:

@@ -149,7 +149,7 @@ class Client:
         challenge = codec.decode(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
         assert isinstance(challenge, Challenge)
         client = cls(client_id, ws, challenge, key)
-        hello = Hello(protocol_version=(1, 0), client_id=client_id, device=DEVICE, mode="mezo", model_hash=HASH,
+        hello = Hello(protocol_version=(2, 0), client_id=client_id, device=DEVICE, mode="mezo", model_hash=HASH,
                       last_round=0, table_digest=None, plan=None,
                       public_key=None if key is None else public_bytes(key), signature=None)
         if key is not None:

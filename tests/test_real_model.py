@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from edge_client.engines import MeZOEngine
+from edge_client.engines.mezo import MeZOEngine
 from edge_client.model import DEFAULT_MODEL, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.sync import ModelSync, RoundCoefficients

@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from edge_client.engines import MeZOEngine, RoundPlan
+from edge_client.engines import RoundPlan
+from edge_client.engines.mezo import MeZOEngine
 from edge_client.space import HostCopy, ParameterSpace, SpaceError, sweep_stale_copies
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from protocol.table import accumulate, fl32, sorted_entries, table_digest

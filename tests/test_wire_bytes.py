@@ -137,7 +137,7 @@ class RawClient:
 
 
 def hello(client_id: str) -> Hello:
-    return Hello(protocol_version=(1, 0), client_id=client_id, device=DEVICE, mode="mezo", model_hash=HASH,
+    return Hello(protocol_version=(2, 0), client_id=client_id, device=DEVICE, mode="mezo", model_hash=HASH,
                  last_round=0, table_digest=None, plan="mezo, batch 4: fits", public_key=None, signature=None)
 
 

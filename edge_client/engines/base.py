@@ -45,7 +45,8 @@ import torch
 
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.space import Distribution, ParameterSpace
-from profiles.chooser import PolicyEntry
+from profiles.chooser import Choice, PolicyEntry, TrainingTask
+from profiles.estimator import ModelShape
 from protocol.limits import MAX_EXAMPLES
 
 __all__ = ["Engine", "EngineError", "EngineSettings", "LocalUpdate", "RoundPlan", "BatchSource", "ProgressFn",
@@ -216,6 +217,15 @@ class Engine(ABC):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return model, space
+
+    @classmethod
+    def fit_settings(cls, settings: EngineSettings, *, shape: ModelShape, task: TrainingTask,
+                     choice: Choice) -> EngineSettings:
+        """``settings`` bounded by what this client's memory allows (the chooser's
+        ``choice`` for ``task``); by default unchanged. A mode whose settings move its
+        memory (a dropout ratio) overrides this, so a coordinator's value that would not
+        fit is run at the nearest one that does."""
+        return settings
 
     def update_settings(self, settings: EngineSettings) -> None:
         """Take the settings of a new round task (they may change from round to round)."""

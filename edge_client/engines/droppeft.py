@@ -1,0 +1,122 @@
+"""First-order training with stochastic layer dropout (DropPEFT, Wang et al. 2025, arXiv 2503.10217).
+
+A :class:`~edge_client.engines.ferret.FerretEngine` round (T local first-order steps,
+the update projected onto the round's seeds, PROTOCOL.md §8.1.2) in which every step
+skips each decoder layer ``l`` with its own probability ``p_l``: a skipped layer is the
+identity on the residual stream, so it costs no compute, keeps no activations for
+backward, and its parameters get no gradient that step (:mod:`edge_client.layer_dropout`).
+The probabilities come from the round's settings: ``dropout_ratio`` (their mean) and
+``dropout_profile`` (``"uniform"``, or ``"linear"``: rising with depth, shallow layers
+dropped least). The coordinator may adapt ``dropout_ratio`` per client and round with a
+bandit (``[modes.droppeft] adapt``, ``coordinator/bandit.py``), rewarding training
+progress per second.
+
+Each step's skipped layers are drawn from ``random.Random(f"droppeft:{round}:{step}")``,
+so a round is reproducible; they do not reach the wire (the scalars are the projection
+of the round's update, whatever was skipped on the way).
+
+The scalars keep ferret's meaning and scale: the update of a thinned network is still an
+update of the shared space, projected and rebuilt without bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+
+from edge_client.data import Batch
+from edge_client.engines.base import SettingsError
+from edge_client.engines.ferret import FerretEngine, FerretSettings
+from edge_client.layer_dropout import PROFILES, find_decoder_layers, layer_probabilities, sample_skipped, skip_layers
+from profiles.chooser import PolicyEntry, TrainingTask
+from profiles.estimator import Estimate, ModelShape, estimate, lora_param_count
+
+__all__ = ["DropPEFTSettings", "DropPEFTEngine", "dropout_memory"]
+
+logger = logging.getLogger(__name__)
+
+# The ratio the chooser's memory model assumes (the coordinator's bandit may go lower
+# only where the client's budget allows, see coordinator/server.py).
+PLANNED_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class DropPEFTSettings(FerretSettings):
+    """Ferret's settings plus the dropout configuration.
+
+    Attributes:
+        dropout_ratio: the mean probability that a layer is skipped on a step, in [0, 1).
+        dropout_profile: "uniform" (every layer the ratio) or "linear" (rising with depth).
+    """
+
+    dropout_ratio: float = PLANNED_RATIO
+    dropout_profile: str = "uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dropout_ratio < 1.0:
+            raise SettingsError(f"dropout_ratio must be in [0, 1), got {self.dropout_ratio}")
+        if self.dropout_profile not in PROFILES:
+            raise SettingsError(f"dropout_profile must be one of {', '.join(PROFILES)}, got {self.dropout_profile!r}")
+
+
+def dropout_memory(shape: ModelShape, task: TrainingTask, batch: int, ratio: float = PLANNED_RATIO) -> Estimate:
+    """The estimator's ``dropout`` step at ``ratio`` (SGD has no moments: AdamW's are not
+    counted) plus the round-start copy of the trainable space."""
+    step = estimate(shape, "dropout", batch=batch, seq_len=task.max_seq_len, scope=task.scope,
+                    lora_rank=task.lora_rank, drop_ratio=ratio)
+    trainable = shape.param_count if task.scope == "full" else lora_param_count(shape, task.lora_rank)
+    breakdown = {**step.breakdown, "round_start_delta": trainable * 4}
+    breakdown.pop("optimizer_state", None)  # the default optimizer is SGD
+    return Estimate(step.mode, breakdown)
+
+
+class DropPEFTEngine(FerretEngine):
+    """Ferret's round with each step's layers thinned by stochastic layer dropout."""
+
+    name = "droppeft"
+    settings_cls = DropPEFTSettings
+    policy = PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout",
+                         {"drop_ratio": PLANNED_RATIO}, memory=dropout_memory)
+
+    @classmethod
+    def fit_settings(cls, settings, *, shape, task, choice):  # type: ignore[no-untyped-def, override]
+        """Raise ``dropout_ratio`` to the smallest ratio (in steps of 0.05) whose estimated
+        peak, with the choice's other parts, fits the usable memory: the chooser checked
+        the planned ratio, and a coordinator's bandit may ask for less dropout."""
+        if choice.estimate is None:
+            return settings
+        planned = dropout_memory(shape, task, choice.batch).total
+        others = choice.estimate.total - planned  # round-start copies and the like
+        ratio = settings.dropout_ratio
+        while ratio < 0.95 and dropout_memory(shape, task, choice.batch, ratio).total + others > choice.usable_bytes:
+            ratio = round(min(0.95, ratio + 0.05), 2)
+        if ratio != settings.dropout_ratio:
+            logger.info("dropout_ratio %.2f does not fit this client's memory; running %.2f",
+                        settings.dropout_ratio, ratio)
+            return dataclasses.replace(settings, dropout_ratio=ratio)
+        return settings
+
+    def __init__(self, model, space, settings: DropPEFTSettings | None = None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, space, settings)
+        self.num_layers = len(find_decoder_layers(model).layers)
+        self._round = 0
+        self._step = 0
+        self.last_skipped: list[tuple[int, ...]] = []  # per step of the last round (tests, logs)
+
+    def train_round(self, plan, data, progress=None):  # type: ignore[no-untyped-def]
+        self._round, self._step = plan.round, 0
+        self.last_skipped = []
+        return super().train_round(plan, data, progress)
+
+    def _loss_backward(self, batch: Batch) -> float:
+        settings: DropPEFTSettings = self.settings  # type: ignore[assignment]
+        probabilities = layer_probabilities(settings.dropout_ratio, self.num_layers, settings.dropout_profile)
+        generator = random.Random(f"droppeft:{self._round}:{self._step}")
+        skipped = sample_skipped(probabilities, generator)
+        self._step += 1
+        self.last_skipped.append(tuple(skipped))
+        with skip_layers(self.model, skipped):
+            return super()._loss_backward(batch)

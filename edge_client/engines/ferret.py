@@ -1,0 +1,261 @@
+"""Projected first-order engine (Ferret, Shu et al. 2024, arXiv 2409.06277), on the seed wire.
+
+One round, with the client's seeds ``s_1 … s_K`` (the task's), the coordinator's
+learning rate ``η`` and this mode's settings (``T = local_steps``):
+
+    θ_start = θ                                          (the round-start space)
+    T first-order steps on local batches (SGD or AdamW; the optimizer is created for the
+        round and dropped after it: no state crosses rounds or the wire)
+    Δ = θ − θ_start                                      (the local update)
+    p_k = <Δ, z(s_k)>                                    (protocol.perturb.project_rademacher)
+    scalar_k = −p_k / (η K)                              (what is sent)
+
+The coordinator commits ``a_k = −η · agg_k(scalar)`` (PROTOCOL.md §8.2), so a lone client
+makes the model move by ``Δ̂ = (1/K) Σ_k <Δ, z_k> z_k``: since ``E[z zᵀ] = I`` for the
+protocol's Rademacher directions, ``E[Δ̂] = Δ`` (unbiased), with
+``E‖Δ̂ − Δ‖² = (d − 1)/K · ‖Δ‖²`` over a space of ``d`` elements (PROTOCOL.md §8.1
+derives both). Ferret's public code instead draws clipped-normal bases whose variance
+shrinks its reconstruction to about a third of the update and makes it up with a server
+learning rate of 10; nothing here needs such a factor.
+
+Why ``−p_k / (η K)``: every mode's scalar must estimate the same quantity on the same
+scale, so a mixed federation's per-seed robust aggregation compares like with like
+(otherwise the trimmed mean would cut the better clients as outliers). A MeZO client's
+scalar is the directional derivative ``<∇L, z_k>`` of its local loss, and its round moves
+the model by ``−η Σ_k <∇L, z_k> z_k``, about ``−η K ∇L`` in expectation. With SGD at the
+default local learning rate ``η K / T`` for ``T`` steps, ``Δ ≈ −η K ḡ`` (``ḡ`` the mean
+gradient along the local trajectory), so ``−Δ / (η K) ≈ ḡ`` and ``scalar_k ≈ <ḡ, z_k>``:
+the same quantity, from exact gradients over ``T`` batches. With AdamW (or an explicit
+``local_lr``) the scalars still reconstruct ``Δ`` without bias, but their scale is the
+optimizer's, not the gradient's: use that in federations whose clients all run it.
+
+The projection is a fused, exact pass per seed (no materialised ``z``), so ``K`` can be
+large: the reconstruction error shrinks as ``1/√K`` (``bench/first_order.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edge_client.data import IGNORE_INDEX, Batch
+from edge_client.engines.base import (
+    BatchSource,
+    Engine,
+    EngineError,
+    EngineSettings,
+    LocalUpdate,
+    ProgressFn,
+    RoundPlan,
+    SettingsError,
+)
+from edge_client.scope import ScopeConfig
+from edge_client.space import Distribution, ParameterSpace
+from profiles.chooser import PolicyEntry, TrainingTask
+from profiles.estimator import Estimate, ModelShape, estimate, lora_param_count
+from protocol.perturb import project_rademacher
+
+__all__ = ["FerretSettings", "FerretEngine", "trainable_parameters", "first_order_memory", "projected_scalars"]
+
+
+@dataclass(frozen=True)
+class FerretSettings(EngineSettings):
+    """Settings of the projected first-order engine (``[modes.ferret]`` on the coordinator).
+
+    Attributes:
+        local_steps: T, first-order steps per round.
+        optimizer: "sgd" (the default: its scalars are on MeZO's scale, so it mixes with
+            zeroth-order clients) or "adamw".
+        local_lr: the local learning rate; None (the default): ``η K / T`` for SGD (see
+            the module docstring), and 3e-4 for AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        max_grad_norm: clip each step's gradient to this L2 norm; None: no clipping.
+        micro_batch: (inherited) rows per forward/backward; the gradient of the whole
+            batch is accumulated over micro-batches.
+    """
+
+    local_steps: int = 4
+    optimizer: str = "sgd"
+    local_lr: float | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.local_steps < 1:
+            raise SettingsError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise SettingsError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.local_lr is not None and not (math.isfinite(self.local_lr) and self.local_lr > 0):
+            raise SettingsError(f"local_lr must be a finite number > 0, got {self.local_lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SettingsError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise SettingsError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    def learning_rate(self, coordinator_lr: float, seeds: int) -> float:
+        """The local learning rate for a round of ``seeds`` seeds at the coordinator's η."""
+        if self.local_lr is not None:
+            return self.local_lr
+        if self.optimizer == "adamw":
+            return 3e-4
+        return coordinator_lr * seeds / self.local_steps
+
+
+def first_order_memory(shape: ModelShape, task: TrainingTask, batch: int) -> Estimate:
+    """The estimator's ``sgd`` step plus the round-start copy of the trainable space (Δ
+    is taken against it)."""
+    step = estimate(shape, "sgd", batch=batch, seq_len=task.max_seq_len, scope=task.scope,
+                    lora_rank=task.lora_rank)
+    trainable = shape.param_count if task.scope == "full" else lora_param_count(shape, task.lora_rank)
+    return Estimate(step.mode, {**step.breakdown, "round_start_delta": trainable * 4})
+
+
+def projected_scalars(delta: torch.Tensor, seeds: tuple[int, ...], learning_rate: float) -> list[float]:
+    """The scalars that make the coordinator's rule (``a_k = −η · scalar_k``) rebuild
+    ``delta`` without bias: ``scalar_k = −<Δ, z(s_k)> / (η K)`` (PROTOCOL.md §8.1).
+
+    Args:
+        delta: the update over the whole padded space (padding zero), float32.
+        seeds: the client's seeds, in task order.
+        learning_rate: the coordinator's η.
+    """
+    projections, _ = project_rademacher(delta, seeds)
+    scale = -1.0 / (learning_rate * len(seeds))
+    return [p * scale for p in projections]
+
+
+def trainable_parameters(model: torch.nn.Module, space: ParameterSpace) -> list[torch.nn.Parameter]:
+    """The model's parameters whose storage is the space's flat buffer (each once)."""
+    storage = space.flat.untyped_storage().data_ptr()
+    seen: set[int] = set()
+    found = []
+    for parameter in model.parameters():
+        if parameter.untyped_storage().data_ptr() == storage and id(parameter) not in seen:
+            seen.add(id(parameter))
+            found.append(parameter)
+    return found
+
+
+def _micro_batches(batch: Batch, size: int | None) -> Iterator[Batch]:
+    rows = batch.input_ids.shape[0]
+    step = rows if size is None else size
+    for start in range(0, rows, step):
+        yield Batch(input_ids=batch.input_ids[start:start + step],
+                    attention_mask=batch.attention_mask[start:start + step],
+                    labels=batch.labels[start:start + step])
+
+
+def _counted(labels: torch.Tensor) -> int:
+    """Labels a causal-LM loss counts: positions 1… that are not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class FerretEngine(Engine):
+    """T local first-order steps, projected onto the round's seeds."""
+
+    name = "ferret"
+    settings_cls = FerretSettings
+    policy = PolicyEntry("ferret", "first-order, projected onto the round's seeds", 10, "sgd",
+                         memory=first_order_memory)
+
+    @classmethod
+    def prepare(cls, model: torch.nn.Module, scope: ScopeConfig, *,
+                distribution: Distribution = "rademacher") -> tuple[torch.nn.Module, ParameterSpace]:
+        """The federation's space, with gradients on for exactly its parameters."""
+        model, space = super().prepare(model, scope, distribution=distribution)
+        for parameter in trainable_parameters(model, space):
+            parameter.requires_grad_(True)
+        return model, space
+
+    def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: FerretSettings | None = None) -> None:
+        super().__init__(model, space, settings)
+        if space.distribution != "rademacher":
+            raise EngineError("the projected first-order engine needs Rademacher directions "
+                              "(the Gaussian ones are not bit-exact)")
+        self.parameters = trainable_parameters(model, space)
+        if not self.parameters:
+            raise EngineError("no model parameter lives in the parameter space")
+
+    def _device(self) -> torch.device:
+        return self.space.flat.device
+
+    def _loss_backward(self, batch: Batch) -> float:
+        """The batch's mean token loss; its gradient accumulated into ``.grad``."""
+        total = _counted(batch.labels)
+        if total == 0:
+            raise EngineError("the batch has no response tokens to compute a loss on")
+        device = self._device()
+        summed = 0.0
+        for part in _micro_batches(batch, self.settings.micro_batch):
+            count = _counted(part.labels)
+            if count == 0:
+                continue
+            output = self.model(input_ids=part.input_ids.to(device), attention_mask=part.attention_mask.to(device),
+                                labels=part.labels.to(device), use_cache=False)
+            loss = output.loss
+            (loss * (count / total)).backward()
+            summed += float(loss.detach()) * count
+            del output, loss
+        mean = summed / total
+        if not math.isfinite(mean):
+            raise EngineError(f"the loss is not finite ({mean}); lower the local learning rate")
+        return mean
+
+    @torch.no_grad()
+    def _probe(self, batch: Batch) -> float:
+        from edge_client.loss import micro_batched_loss
+
+        size = self.settings.micro_batch or batch.input_ids.shape[0]
+        value, _ = micro_batched_loss(self.model, batch, micro_batch=size)
+        return float(value)
+
+    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        settings: FerretSettings = self.settings  # type: ignore[assignment]
+        if settings.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters, lr=lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(self.parameters, lr=lr)
+
+    def train_round(self, plan: RoundPlan, data: BatchSource, progress: ProgressFn | None = None) -> LocalUpdate:
+        started = time.perf_counter()
+        settings: FerretSettings = self.settings  # type: ignore[assignment]
+        seeds = len(plan.seeds)
+        lr = settings.learning_rate(plan.learning_rate, seeds)
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the same function every client's scalars measure
+        start = self.space.flat.detach().clone()  # padding included, so Δ's padding is 0
+        optimizer = self._optimizer(lr)
+        first: Any = None
+        loss_before = math.nan
+        try:
+            for step in range(settings.local_steps):
+                batch = data.next_batch()
+                if step == 0:
+                    first = batch
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._loss_backward(batch)
+                if step == 0:
+                    loss_before = loss
+                if settings.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.parameters, settings.max_grad_norm)
+                optimizer.step()
+                if progress is not None:
+                    progress(step + 1, settings.local_steps, loss)
+            optimizer.zero_grad(set_to_none=True)
+            del optimizer  # its state (AdamW's moments) is the round's only
+            loss_after = self._probe(first)
+            with torch.no_grad():
+                delta = start.neg_().add_(self.space.flat)  # θ − θ_start, in the copy's memory
+            if not bool(torch.isfinite(delta).all()):
+                raise EngineError("the local update is not finite; lower the local learning rate")
+            scalars = projected_scalars(delta, plan.seeds, plan.learning_rate)
+        finally:
+            self.model.train(was_training)
+        pairs = tuple(zip(plan.seeds, scalars))
+        return LocalUpdate(pairs=pairs, num_examples=settings.local_steps * plan.batch_size,
+                           loss_before=loss_before, loss_after=loss_after, seconds=time.perf_counter() - started)
