@@ -333,8 +333,9 @@ def main(argv: list[str]) -> None:
 
     if not args.skip_federations:
         runs = {
-            "zo": federation("zo", ["--mode", "mezo"], args.rounds),
-            "fo": federation("fo", ["--mode", "ferret"], args.rounds),
+            # Forced modes on budgets every client can run them in (0.75 GiB holds MeZO only).
+            "zo": federation("zo", ["--mode", "mezo", "--budgets", "4GiB,4GiB,8GiB"], args.rounds),
+            "fo": federation("fo", ["--mode", "ferret", "--budgets", "4GiB,4GiB,8GiB"], args.rounds),
             "mixed": federation("mixed", [], args.rounds),
         }
         avg = fedavg(args.rounds)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +62,18 @@ class AdaptiveSettings:
         bandit = self._bandits.get(key)
         if bandit is None:
             _, values = self._specs[mode]
-            saved = self._ledger.adaptive_state(client_id, mode)
+            try:
+                saved = self._ledger.adaptive_state(client_id, mode)
+            except ValueError as error:  # not JSON: say so, start afresh
+                logger.warning("client %s: saved %s state unreadable (%s); starting afresh", client_id, mode, error)
+                saved = None
             bandit = None
             if saved is not None:
                 try:
-                    bandit = DropoutBandit.from_dict(saved)
-                    if [arm.id for arm in bandit.arms] != list(range(len(values))):
-                        bandit = None  # the configured values changed: start afresh
-                except BanditError as error:
+                    if saved.get("values") != values:  # the configured values changed: start afresh
+                        raise BanditError(f"saved for values {saved.get('values')}, configured {values}")
+                    bandit = DropoutBandit.from_dict(saved["bandit"])
+                except (BanditError, KeyError, TypeError, AttributeError) as error:
                     logger.warning("client %s: saved %s bandit unusable (%s); starting afresh", client_id, mode,
                                    error)
                     bandit = None
@@ -95,8 +100,28 @@ class AdaptiveSettings:
             return
         seconds = max(time.monotonic() - pending.sent_at, 1e-3)
         bandit = self._bandit(client_id, pending.mode)
-        if bandit.report(pending.arm, progress_reward(loss_before, loss_after, seconds)):
-            self._ledger.save_adaptive_state(client_id, pending.mode, bandit.to_dict())
+        self._report(client_id, pending, progress_reward(loss_before, loss_after, seconds))
+
+    def attempt_ended(self, round_number: int, client_ids: Iterable[str]) -> None:
+        """An attempt committed or was abandoned: a client of it whose update never came
+        (it missed the deadline, ran out of memory, refused the setting) is rewarded as
+        a round of no progress, 0, or the worst reward seen if that is lower: a value
+        that keeps a client from contributing is then not chosen again and again (the
+        bandit tries untried values first, and would otherwise never learn it was
+        tried)."""
+        for client_id in client_ids:
+            pending = self._pending.get(client_id)
+            if pending is None or pending.round != round_number:
+                continue
+            del self._pending[client_id]
+            means = [mean for _, mean in self._bandit(client_id, pending.mode).estimates().values() if mean is not None]
+            self._report(client_id, pending, min([0.0, *means]))
+
+    def _report(self, client_id: str, pending: _Pending, reward: float) -> None:
+        bandit = self._bandit(client_id, pending.mode)
+        if bandit.report(pending.arm, reward):
+            self._ledger.save_adaptive_state(client_id, pending.mode,
+                                             {"values": self._specs[pending.mode][1], "bandit": bandit.to_dict()})
 
     def status(self, client_id: str, mode: str) -> dict[str, Any] | None:
         """For /status: each value's discounted pulls and mean reward so far."""

@@ -377,8 +377,11 @@ class Coordinator:
                            "quorum %d", round_number, attempt, len(updates), ", ".join(sorted(flagged)), quorum)
             self._release(chosen)
             return False
+        # The seeds some received update carries: a longer prefix only clients that did not
+        # answer were handed would commit zeros that every client must still apply.
+        answered = machine.seeds[:max(len(update.pairs) for update in updates)]
         try:
-            report = aggregate_with_report(machine.seeds, updates, config.learning_rate, config.aggregation_rule)
+            report = aggregate_with_report(answered, updates, config.learning_rate, config.aggregation_rule)
         except TableError as error:
             logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
             self._release(chosen)
@@ -441,8 +444,12 @@ class Coordinator:
                    for cid in machine.missing())
 
     def _release(self, chosen: list[ClientSession]) -> None:
+        """The attempt ended (committed or abandoned): its clients are free again, and
+        those whose update never came tell their adaptive settings so."""
         for session in chosen:
             session.busy_round = None
+        if self.machine is not None:
+            self.adaptive.attempt_ended(self.machine.round, [session.client_id for session in chosen])
 
     # -- fingerprints ---------------------------------------------------------------------
 

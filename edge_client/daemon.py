@@ -44,7 +44,6 @@ from edge_client.engines import (
     EngineSettings,
     LocalUpdate,
     RoundPlan,
-    SettingsError,
     engine_policy,
     get_engine,
 )
@@ -252,6 +251,9 @@ class EdgeClient:
         if self.engine_cls is not None:
             assert self.choice is not None
             self.engine = self.engine_cls(self.model, space, self._settings_for(None))
+            if hasattr(self.engine, "personal_path"):  # layers kept personal (PTLS) survive restarts
+                self.engine.personal_path = (round_copy_directory(self.config.cache_dir).parent / "personal"
+                                             / f"{federation.federation_id}.{self.config.client_id}.{self.engine_cls.name}.pt")
             self._examples = tokenize(self._records, self.tokenizer, max_seq_len=federation.max_seq_len,
                                       prompt_format=self.prompt_format)
             seed = zlib.crc32(self.config.client_id.encode())
@@ -457,14 +459,14 @@ class EdgeClient:
             await asyncio.to_thread(sync.discard_local_training)
         try:  # the mode's settings for this round, from the coordinator's [modes] table
             self.engine.update_settings(self._settings_for(dict(task.settings)))
-        except SettingsError as error:
+        except Exception as error:  # SettingsError, or a mode's fit_settings that cannot fit them
             logger.error("round %d: the coordinator's settings for mode %s are unusable (%s); no update sent",
                          task.round, self.engine_cls.name if self.engine_cls else "-", error)
             return
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)
-        logger.info("round %d: training %d steps (%s)", task.round, len(task.seeds), self.engine_cls.name
+        logger.info("round %d: training on %d seeds (%s)", task.round, len(task.seeds), self.engine_cls.name
                     if self.engine_cls is not None else "-")
 
         def progress(done: int, total: int, loss: float) -> None:

@@ -16,11 +16,11 @@ from coordinator.ledger import Ledger
 from edge_client.daemon import ClientConfig, EdgeClient
 from edge_client.data import BatchStream, load_jsonl, tokenize
 from edge_client.engines import RoundPlan, engine_policy
-from edge_client.engines.droppeft import DropPEFTEngine, DropPEFTSettings, dropout_memory
+from edge_client.engines.droppeft import DropPEFTEngine, DropPEFTSettings, dropout_memory, kept_layers_bound
 from edge_client.model import load_model
 from edge_client.scope import ScopeConfig
 from profiles.chooser import TrainingTask, choose
-from profiles.estimator import ModelShape
+from profiles.estimator import ModelShape, estimate
 
 GIB = 1024**3
 SMOLLM2 = ModelShape.from_hf_config({
@@ -60,16 +60,34 @@ def test_each_step_skips_layers_at_the_ratio_and_the_round_is_reproducible(tmp_p
     assert engine.last_skipped == [(), (), ()]
 
 
-def test_a_ratio_the_budget_cannot_hold_is_raised_to_one_that_fits():
+def test_a_ratio_the_budget_cannot_hold_runs_at_a_smaller_micro_batch_or_else_a_higher_ratio():
     policy = [entry for entry in engine_policy() if entry.mode == "droppeft"]
     usable = dropout_memory(SMOLLM2, TASK, 4).total  # exactly the planned ratio's peak at batch 4
     choice = choose(SMOLLM2, TASK, budget_bytes=usable, headroom=0.0, policy=policy)
     assert (choice.mode, choice.batch) == ("droppeft", 4)
-    fitted = DropPEFTEngine.fit_settings(DropPEFTSettings(dropout_ratio=0.1), shape=SMOLLM2, task=TASK, choice=choice)
-    assert fitted.dropout_ratio == 0.5  # 0.1 to 0.45 need more than the budget
+    asked = DropPEFTSettings(dropout_ratio=0.1, micro_batch=4)
+    fitted = DropPEFTEngine.fit_settings(asked, shape=SMOLLM2, task=TASK, choice=choice)
+    assert fitted.dropout_ratio == 0.1 and fitted.micro_batch < 4  # the asked ratio, fewer rows at once
+    assert dropout_memory(SMOLLM2, TASK, fitted.micro_batch, 0.1).total <= usable
+    assert dropout_memory(SMOLLM2, TASK, fitted.micro_batch + 1, 0.1).total > usable  # the largest that fits
+    # Room for one row at the planned ratio only: the ratio goes up, to the smallest that fits.
+    tight = choose(SMOLLM2, TASK, budget_bytes=dropout_memory(SMOLLM2, TASK, 1).total, headroom=0.0, policy=policy)
+    assert tight.batch == 1
+    raised = DropPEFTEngine.fit_settings(DropPEFTSettings(dropout_ratio=0.1, micro_batch=1), shape=SMOLLM2,
+                                         task=TASK, choice=tight)
+    assert raised.micro_batch == 1 and 0.1 < raised.dropout_ratio <= 0.5
+    assert dropout_memory(SMOLLM2, TASK, 1, round(raised.dropout_ratio - 0.05, 2)).total > tight.usable_bytes
     roomy = dataclasses.replace(choice, usable_bytes=10 * GIB)
-    assert DropPEFTEngine.fit_settings(DropPEFTSettings(dropout_ratio=0.1), shape=SMOLLM2, task=TASK,
-                                       choice=roomy).dropout_ratio == 0.1
+    assert DropPEFTEngine.fit_settings(asked, shape=SMOLLM2, task=TASK, choice=roomy) == asked
+
+
+def test_the_memory_model_counts_a_heavy_step_not_the_mean_one():
+    """Layers are skipped independently, so about half the steps keep more than the mean;
+    the estimate counts mean + 2 sd kept layers (21 of 30 at p = 0.5)."""
+    assert kept_layers_bound(30, 0.5) == 21 and kept_layers_bound(30, 0.0) == 30
+    mean_kept = estimate(SMOLLM2, "dropout", batch=4, seq_len=96, scope="lora", drop_ratio=0.5).breakdown
+    heavy = dropout_memory(SMOLLM2, TASK, 4).breakdown
+    assert heavy["activations"] > mean_kept["activations"]
 
 
 def test_the_chooser_takes_droppeft_where_ferret_does_not_fit():
@@ -99,6 +117,20 @@ def test_adaptive_settings_reward_progress_per_second_and_survive_a_restart(tmp_
     with Ledger(tmp_path / "l.db") as ledger:  # a restarted coordinator carries on
         assert AdaptiveSettings(modes, ledger).assign("a", "droppeft", 10) == next_choice
         assert AdaptiveSettings(modes, ledger).status("a", "droppeft") == status
+
+
+def test_a_value_whose_rounds_bring_no_update_gets_the_worst_reward_not_a_free_retry(tmp_path: Path):
+    modes = {"droppeft": {"adapt": "dropout_ratio", "adapt_values": [0.25, 0.5]}}
+    with Ledger(tmp_path / "l.db") as ledger:
+        adaptive = AdaptiveSettings(modes, ledger)
+        first = adaptive.assign("a", "droppeft", 1)["dropout_ratio"]
+        adaptive.update_received("a", 1, 2.0, 1.9)  # a positive reward for the first value
+        second = adaptive.assign("a", "droppeft", 2)["dropout_ratio"]
+        assert second != first  # the untried value next
+        adaptive.attempt_ended(2, ["a"])  # ... whose update never came
+        rows = {row["value"]: row for row in adaptive.status("a", "droppeft")["values"]}
+        assert rows[second]["pulls"] > 0 and rows[second]["mean_reward"] == 0.0  # no progress, recorded
+        assert adaptive.assign("a", "droppeft", 3)["dropout_ratio"] == first  # not retried as untried
 
 
 def test_the_adapt_keys_are_checked_and_never_sent_to_clients():

@@ -196,3 +196,37 @@ def test_a_mixed_federation_hands_each_mode_its_seeds_and_settings(tmp_path: Pat
     assert type(fo.engine).__name__ == "FerretEngine" and fo.engine.settings.local_steps == 2
     assert zo.sync.round == fo.sync.round == 2
     assert zo.sync.space.fingerprint() == fo.sync.space.fingerprint()
+
+
+def test_personal_layers_stay_on_the_client_and_survive_a_restart(tmp_path: Path, tiny: Tiny):
+    """PTLS: the last decoder layer's adapters are this client's own. Its scalars are the
+    projection of the rest of its update only; it trains on its own values of that layer
+    (which a restarted client reads back from disk), not on the shared ones."""
+    model, space, tokenizer = load_tiny_space(tiny, FerretEngine)
+    engine = FerretEngine(model, space, FerretSettings(local_steps=2, personal_layers=1))
+    engine.personal_path = tmp_path / "personal.pt"
+    personal = engine.personal_indices(1)
+    layers = {entry.name.split(".layers.")[1].split(".")[0] for entry in space.entries}
+    last = str(max(int(number) for number in layers))
+    in_last = [e for e in space.entries if f".layers.{last}." in e.name]
+    assert personal.numel() == sum(e.numel for e in in_last) > 0
+    data = batches(tokenizer, write_data(tmp_path / "a.jsonl", 8), seed=1)
+    shared_start = space.flat.detach().clone()
+    seeds = tuple(range(1, 33))
+    update = engine.train_round(RoundPlan(1, seeds, ETA, 1e-3, 4), data)
+    trained = space.flat.detach().clone()
+    delta = trained - shared_start
+    assert float(delta[personal].abs().max()) > 0  # the personal layer trained ...
+    delta[personal] = 0.0  # ... but only the rest is sent
+    assert [value for _, value in update.pairs] == pytest.approx(projected_scalars(delta, seeds, ETA), rel=1e-9)
+
+    # A restarted client on the shared model (the commit restored the round-start copy):
+    # its next round starts from its own last layer, read back from disk.
+    model2, space2, _ = load_tiny_space(tiny, FerretEngine)
+    engine2 = FerretEngine(model2, space2, FerretSettings(local_steps=1, personal_layers=1, local_lr=1e-12))
+    engine2.personal_path = tmp_path / "personal.pt"
+    engine2.train_round(RoundPlan(2, seeds, ETA, 1e-3, 4), data)
+    assert torch.allclose(space2.flat.detach()[personal], trained[personal], atol=1e-9)
+    others = torch.ones_like(trained, dtype=torch.bool)
+    others[personal] = False
+    assert torch.allclose(space2.flat.detach()[others], shared_start[others], atol=1e-9)  # the rest is shared

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass
 
@@ -62,11 +63,22 @@ class DropPEFTSettings(FerretSettings):
             raise SettingsError(f"dropout_profile must be one of {', '.join(PROFILES)}, got {self.dropout_profile!r}")
 
 
+def kept_layers_bound(layers: int, ratio: float) -> int:
+    """Layers a step keeps, at most, on all but about 2% of steps: each layer is skipped
+    independently, so the kept count is Binomial(L, 1 − p); mean plus two standard
+    deviations, rounded up (SmolLM2's 30 layers at p = 0.5: 21, not 15)."""
+    mean = (1.0 - ratio) * layers
+    return min(layers, math.ceil(mean + 2.0 * math.sqrt(layers * ratio * (1.0 - ratio))))
+
+
 def dropout_memory(shape: ModelShape, task: TrainingTask, batch: int, ratio: float = PLANNED_RATIO) -> Estimate:
-    """The estimator's ``dropout`` step at ``ratio`` (SGD has no moments: AdamW's are not
-    counted) plus the round-start copy of the trainable space."""
+    """The estimator's ``dropout`` step for the kept layers of a heavy step
+    (:func:`kept_layers_bound`; the estimator itself counts the mean) without AdamW's
+    moments (the default optimizer is SGD), plus the round-start copy of the trainable
+    space."""
+    effective = 1.0 - kept_layers_bound(shape.layers, ratio) / shape.layers
     step = estimate(shape, "dropout", batch=batch, seq_len=task.max_seq_len, scope=task.scope,
-                    lora_rank=task.lora_rank, drop_ratio=ratio)
+                    lora_rank=task.lora_rank, drop_ratio=effective)
     trainable = shape.param_count if task.scope == "full" else lora_param_count(shape, task.lora_rank)
     breakdown = {**step.breakdown, "round_start_delta": trainable * 4}
     breakdown.pop("optimizer_state", None)  # the default optimizer is SGD
@@ -78,25 +90,33 @@ class DropPEFTEngine(FerretEngine):
 
     name = "droppeft"
     settings_cls = DropPEFTSettings
+    probe_before = True  # the first step's loss is a thinned network's
     policy = PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout",
                          {"drop_ratio": PLANNED_RATIO}, memory=dropout_memory)
 
     @classmethod
     def fit_settings(cls, settings, *, shape, task, choice):  # type: ignore[no-untyped-def, override]
-        """Raise ``dropout_ratio`` to the smallest ratio (in steps of 0.05) whose estimated
-        peak, with the choice's other parts, fits the usable memory: the chooser checked
-        the planned ratio, and a coordinator's bandit may ask for less dropout."""
+        """Fit the asked ``dropout_ratio`` into the usable memory (the chooser checked the
+        planned ratio; a coordinator's bandit may ask for less dropout): first by a
+        smaller micro-batch (the same examples and loss, only slower, which the bandit's
+        reward then sees), and only where even one row does not fit, by the smallest
+        higher ratio (in steps of 0.05) that does."""
         if choice.estimate is None:
             return settings
-        planned = dropout_memory(shape, task, choice.batch).total
-        others = choice.estimate.total - planned  # round-start copies and the like
-        ratio = settings.dropout_ratio
-        while ratio < 0.95 and dropout_memory(shape, task, choice.batch, ratio).total + others > choice.usable_bytes:
+        others = choice.estimate.total - dropout_memory(shape, task, choice.batch).total  # copies and the like
+
+        def fits(ratio: float, batch: int) -> bool:
+            return dropout_memory(shape, task, batch, ratio).total + others <= choice.usable_bytes
+
+        ratio, batch = settings.dropout_ratio, settings.micro_batch or task.batch_size
+        while batch > 1 and not fits(ratio, batch):
+            batch -= 1
+        while ratio < 0.95 and not fits(ratio, batch):
             ratio = round(min(0.95, ratio + 0.05), 2)
-        if ratio != settings.dropout_ratio:
-            logger.info("dropout_ratio %.2f does not fit this client's memory; running %.2f",
-                        settings.dropout_ratio, ratio)
-            return dataclasses.replace(settings, dropout_ratio=ratio)
+        if (ratio, batch) != (settings.dropout_ratio, settings.micro_batch or task.batch_size):
+            logger.info("dropout_ratio %.2f at micro-batch %s does not fit this client's memory; running %.2f at %d",
+                        settings.dropout_ratio, settings.micro_batch, ratio, batch)
+            return dataclasses.replace(settings, dropout_ratio=ratio, micro_batch=batch)
         return settings
 
     def __init__(self, model, space, settings: DropPEFTSettings | None = None) -> None:  # type: ignore[no-untyped-def]

@@ -35,10 +35,13 @@ large: the reconstruction error shrinks as ``1/√K`` (``bench/first_order.py``)
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +65,16 @@ from protocol.perturb import project_rademacher
 
 __all__ = ["FerretSettings", "FerretEngine", "trainable_parameters", "first_order_memory", "projected_scalars"]
 
+logger = logging.getLogger(__name__)
+
+# A decoder layer's number in a canonical parameter name (Llama: model.layers.<i>.…).
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+# Local steps a round may ask for: num_examples (steps x batch) must stay in the
+# protocol's range, and a round is meant to take minutes, not days.
+MAX_LOCAL_STEPS = 4096
+
 
 @dataclass(frozen=True)
 class FerretSettings(EngineSettings):
@@ -75,6 +88,11 @@ class FerretSettings(EngineSettings):
             the module docstring), and 3e-4 for AdamW.
         weight_decay: AdamW's decoupled weight decay.
         max_grad_norm: clip each step's gradient to this L2 norm; None: no clipping.
+        personal_layers: personalised transformer layer sharing (PTLS, DropPEFT §4): the
+            trainable parameters of the last this many decoder layers stay this client's
+            own. Its update of them is kept (and saved across restarts) instead of
+            projected, it trains on its own values of them, and it sends the projection
+            of the rest of its update only. 0: nothing personal.
         micro_batch: (inherited) rows per forward/backward; the gradient of the whole
             batch is accumulated over micro-batches.
     """
@@ -84,11 +102,12 @@ class FerretSettings(EngineSettings):
     local_lr: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    personal_layers: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.local_steps < 1:
-            raise SettingsError(f"local_steps must be >= 1, got {self.local_steps}")
+        if not 1 <= self.local_steps <= MAX_LOCAL_STEPS:
+            raise SettingsError(f"local_steps must be between 1 and {MAX_LOCAL_STEPS}, got {self.local_steps}")
         if self.optimizer not in ("sgd", "adamw"):
             raise SettingsError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.local_lr is not None and not (math.isfinite(self.local_lr) and self.local_lr > 0):
@@ -97,6 +116,8 @@ class FerretSettings(EngineSettings):
             raise SettingsError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise SettingsError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.personal_layers < 0:
+            raise SettingsError(f"personal_layers must be >= 0, got {self.personal_layers}")
 
     def learning_rate(self, coordinator_lr: float, seeds: int) -> float:
         """The local learning rate for a round of ``seeds`` seeds at the coordinator's η."""
@@ -161,6 +182,9 @@ class FerretEngine(Engine):
 
     name = "ferret"
     settings_cls = FerretSettings
+    # Whether loss_before needs its own forward pass (the first step's loss is the full
+    # network's here, not under layer dropout).
+    probe_before = False
     policy = PolicyEntry("ferret", "first-order, projected onto the round's seeds", 10, "sgd",
                          memory=first_order_memory)
 
@@ -181,6 +205,10 @@ class FerretEngine(Engine):
         self.parameters = trainable_parameters(model, space)
         if not self.parameters:
             raise EngineError("no model parameter lives in the parameter space")
+        # Where this client's personal layers are kept across restarts (the daemon sets it;
+        # None: in memory only), and their values once trained.
+        self.personal_path: Path | None = None
+        self._personal: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layers, indices, values)
 
     def _device(self) -> torch.device:
         return self.space.flat.device
@@ -215,6 +243,46 @@ class FerretEngine(Engine):
         value, _ = micro_batched_loss(self.model, batch, micro_batch=size)
         return float(value)
 
+    def personal_indices(self, layers: int) -> torch.Tensor:
+        """Positions in the flat space of the last ``layers`` decoder layers' parameters
+        (canonical names ``….layers.<i>.…``, PROTOCOL.md §5.1)."""
+        numbers = [int(match.group(1)) for entry in self.space.entries
+                   if (match := _LAYER_NAME.search(entry.name)) is not None]
+        if layers and not numbers:
+            raise EngineError("personal_layers is set but no parameter of the space belongs to a numbered layer")
+        first = max(numbers, default=-1) + 1 - layers
+        parts = [torch.arange(entry.offset, entry.offset + entry.numel) for entry in self.space.entries
+                 if (match := _LAYER_NAME.search(entry.name)) is not None and int(match.group(1)) >= first]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def _personal_values(self, layers: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(indices, this client's values there or None before it trained them)."""
+        if self._personal is not None and self._personal[0] == layers:
+            return self._personal[1], self._personal[2]
+        indices = self.personal_indices(layers)
+        values = None
+        if self.personal_path is not None and self.personal_path.exists():
+            try:
+                saved = torch.load(self.personal_path, weights_only=True)
+                if int(saved["layers"]) == layers and torch.equal(saved["indices"], indices):
+                    values = saved["values"].to(self.space.flat.device)
+                else:
+                    logger.warning("%s holds other personal layers; starting them from the shared model",
+                                   self.personal_path)
+            except (OSError, RuntimeError, KeyError, ValueError) as error:
+                logger.warning("cannot read personal layers from %s (%s); starting them from the shared model",
+                               self.personal_path, error)
+        self._personal = (layers, indices, values) if values is not None else None
+        return indices, values
+
+    def _keep_personal(self, layers: int, indices: torch.Tensor, values: torch.Tensor) -> None:
+        self._personal = (layers, indices, values)
+        if self.personal_path is not None:
+            self.personal_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.personal_path.with_suffix(".partial")
+            torch.save({"layers": layers, "indices": indices, "values": values.cpu()}, partial)
+            partial.replace(self.personal_path)  # a crash never leaves half a file
+
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         settings: FerretSettings = self.settings  # type: ignore[assignment]
         if settings.optimizer == "adamw":
@@ -228,6 +296,13 @@ class FerretEngine(Engine):
         lr = settings.learning_rate(plan.learning_rate, seeds)
         was_training = self.model.training
         self.model.eval()  # no dropout: the same function every client's scalars measure
+        personal = None
+        if settings.personal_layers:
+            indices, values = self._personal_values(settings.personal_layers)
+            personal = indices
+            if values is not None:  # train on this client's own layers (the round-start copy restores the shared)
+                with torch.no_grad():
+                    self.space.flat[indices] = values
         start = self.space.flat.detach().clone()  # padding included, so Δ's padding is 0
         optimizer = self._optimizer(lr)
         first: Any = None
@@ -237,9 +312,12 @@ class FerretEngine(Engine):
                 batch = data.next_batch()
                 if step == 0:
                     first = batch
+                    # The full network's loss: a step's own loss may be a thinned network's
+                    # (droppeft), and loss_after is always the full one's.
+                    loss_before = self._probe(batch) if self.probe_before else math.nan
                 optimizer.zero_grad(set_to_none=True)
                 loss = self._loss_backward(batch)
-                if step == 0:
+                if step == 0 and not self.probe_before:
                     loss_before = loss
                 if settings.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.parameters, settings.max_grad_norm)
@@ -253,8 +331,13 @@ class FerretEngine(Engine):
                 delta = start.neg_().add_(self.space.flat)  # θ − θ_start, in the copy's memory
             if not bool(torch.isfinite(delta).all()):
                 raise EngineError("the local update is not finite; lower the local learning rate")
+            if personal is not None:  # kept here, not shared
+                self._keep_personal(settings.personal_layers, personal, self.space.flat.detach()[personal].clone())
+                delta[personal] = 0.0
             scalars = projected_scalars(delta, plan.seeds, plan.learning_rate)
         finally:
+            for parameter in self.parameters:  # also when a step failed or the round was stopped
+                parameter.grad = None
             self.model.train(was_training)
         pairs = tuple(zip(plan.seeds, scalars))
         return LocalUpdate(pairs=pairs, num_examples=settings.local_steps * plan.batch_size,

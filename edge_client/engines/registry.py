@@ -53,9 +53,11 @@ def register_engine(engine_cls: type[Engine]) -> type[Engine]:
     if policy.mode != name:
         raise TypeError(f"{engine_cls.__name__}.policy is the row of {policy.mode!r}, not of {name!r}")
     held = _ENGINES.get(name)
-    if held is not None and held is not engine_cls and held.__qualname__ != engine_cls.__qualname__:
+    same_definition = held is not None and (held.__module__, held.__qualname__) == (engine_cls.__module__,
+                                                                                      engine_cls.__qualname__)
+    if held is not None and held is not engine_cls and not same_definition:
         raise ValueError(f"an engine named {name!r} is already registered ({held.__name__})")
-    _ENGINES[name] = engine_cls  # the same class re-imported (a reloaded module) replaces itself
+    _ENGINES[name] = engine_cls  # the same definition run again (a reloaded module) replaces itself
     return engine_cls
 
 
