@@ -22,9 +22,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,75 +29,21 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from coordinator.config import FederationConfig
-from coordinator.ledger import Ledger
-from coordinator.server import Coordinator
 from edge_client import cli
 from edge_client.daemon import ClientConfig, EdgeClient
 from edge_client.engines import LocalUpdate
-from edge_client.model import base_weights_hash, load_model
-from edge_client.tiny import make_tiny_llama
 from profiles.chooser import TrainingTask, choose, estimate_mode, policy_entry
 from profiles.estimator import ModelShape
 from protocol.messages import RoundTask, Update
 
+from harness import TIMEOUT_S, Tiny, client_status, coordinator, make_tiny, until, write_data  # noqa: E402, I001
+
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class Tiny:
-    directory: Path
-    model_hash: str
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    directory = make_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    model, _ = load_model(directory)
-    return Tiny(directory, base_weights_hash(model))
-
-
-def write_data(path: Path, count: int) -> Path:
-    with path.open("w") as out:
-        for i in range(count):
-            out.write(json.dumps({"instruction": f"What is {i % 17} plus {i % 13}?",
-                                  "response": f"{i % 17 + i % 13}"}) + "\n")
-    return path
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def coordinator(tmp_path: Path, tiny: Tiny, **overrides: Any) -> AsyncIterator[Coordinator]:
-    """A real coordinator for one client: every round needs that client's update."""
-    settings: dict[str, Any] = dict(
-        model_hash=tiny.model_hash, port=0, ledger_path=str(tmp_path / "ledger.db"), rounds=1, min_clients=1,
-        clients_per_round=1, quorum=1, deadline_s=60, pool_key=7, seed_pool_size=64, local_steps=3,
-        batch_size=2, max_seq_len=64, learning_rate=1e-3, rebase_every=3)
-    settings.update(overrides)
-    config = FederationConfig(**settings)
-    with Ledger(config.ledger_path) as ledger:
-        server = Coordinator(config, ledger)
-        task = asyncio.create_task(server.run())
-        await until(lambda: server.port is not None or task.done(), "the coordinator to listen", 30)
-        if task.done():
-            task.result()
-        try:
-            yield server
-        finally:
-            server.stop()
-            await asyncio.wait_for(task, 30)
-
-
-def client_status(server: Coordinator, client_id: str) -> dict[str, Any] | None:
-    return next((c for c in server.status()["clients"] if c["client_id"] == client_id), None)
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 # ----------------------------------------------------------------------- the plan
