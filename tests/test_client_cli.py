@@ -56,7 +56,7 @@ def test_plan_prints_the_device_budget_and_choice(tiny):
                         "--memory-headroom", "20%", "--batch", "4", "--seq-len", "64")
     assert result.returncode == 0, result.stderr
     assert "budget: 3.00 GiB (set by the user), headroom 20%, usable 2.40 GiB" in result.stdout
-    assert "plan: mezo (zeroth-order), batch 4/4 x 64 tokens" in result.stdout
+    assert "plan: ferret (first-order, projected onto the round's seeds), batch 4/4 x 64 tokens" in result.stdout
 
 
 def test_plan_refuses_a_budget_nothing_fits_with_the_one_that_would(tiny):
