@@ -12,8 +12,9 @@ shipped data, the README's split (3 clients x 200 records, 64 held-out), this CP
    size and at SmolLM2-135M's full size.
 2. **Learning.** The same rounds, split and seeds for (a) a zeroth-order federation
    (every client MeZO), (b) a projected first-order federation (every client ferret),
-   (d) the mixed federation the chooser makes of budgets 0.75/4/8 GiB (edgefed-local's
-   defaults): each a live ``edgefed-local`` run; and (c) uncompressed first-order FedAvg
+   (b') the same with its values sent as (seed, float64) pairs rather than q8 (what
+   packing costs in learning), (d) the mixed federation the chooser makes of budgets
+   0.75/4/8 GiB (edgefed-local's defaults): each a live ``edgefed-local`` run; and (c) uncompressed first-order FedAvg
    of the same local steps in this process (each client trains from the global model
    in turn, the mean of their Δ is applied): the upper bound. Held-out loss every round,
    Rouge-L and exact match before and after.
@@ -336,23 +337,26 @@ def main(argv: list[str]) -> None:
             # Forced modes on budgets every client can run them in (0.75 GiB holds MeZO only).
             "zo": federation("zo", ["--mode", "mezo", "--budgets", "4GiB,4GiB,8GiB"], args.rounds),
             "fo": federation("fo", ["--mode", "ferret", "--budgets", "4GiB,4GiB,8GiB"], args.rounds),
+            # The same, its values sent as (seed, float64) pairs instead of q8: what packing costs.
+            "fo_pairs": federation("fo_pairs", ["--mode", "ferret", "--budgets", "4GiB,4GiB,8GiB",
+                                                "--value-encoding", "pairs"], args.rounds),
             "mixed": federation("mixed", [], args.rounds),
         }
         avg = fedavg(args.rounds)
         details.update(federations=runs, fedavg=avg)
         base = avg["rows"][0]["eval_loss"]
         print("\n=== held-out eval loss per round")
-        print(f"{'round':>5}  " + "  ".join(f"{name:>8}" for name in ("zo", "fo", "mixed", "fedavg")))
+        print(f"{'round':>5}  " + "  ".join(f"{name:>8}" for name in ("zo", "fo", "fo_pairs", "mixed", "fedavg")))
         for r in range(args.rounds + 1):
             cells = []
-            for name in ("zo", "fo", "mixed"):
+            for name in ("zo", "fo", "fo_pairs", "mixed"):
                 rows = [row for row in runs[name]["rows"] if row["round"] == r]
                 value = rows[0]["eval_loss"] if rows else (runs[name]["summary"]["eval_loss_before"] if r == 0 else None)
                 cells.append("-" if value is None else f"{value:.4f}")
             cells.append(f"{avg['rows'][r]['eval_loss']:.4f}")
             print(f"{r:>5}  " + "  ".join(f"{c:>8}" for c in cells))
         print(f"\n{'run':<8} {'wall s':>7} {'train s':>8} {'B/client/round up':>18} {'Rouge-L':>15} {'exact':>13}")
-        for name in ("zo", "fo", "mixed"):
+        for name in ("zo", "fo", "fo_pairs", "mixed"):
             s = runs[name]["summary"]
             print(f"{name:<8} {s['wall_s']:>7.0f} {runs[name]['training_s'] or float('nan'):>8.0f} "
                   f"{s['bytes_per_client_round'] or 0:>18.0f} {s['rouge_l_before']:.3f}->{s['rouge_l_after']:.3f} "
@@ -362,6 +366,7 @@ def main(argv: list[str]) -> None:
               f"{avg['rows'][0]['rouge_l']:.3f}->{last['rouge_l']:.3f} "
               f"{avg['rows'][0]['exact_match']:.3f}->{last['exact_match']:.3f}")
         fo, zo, mixed = runs["fo"]["summary"], runs["zo"]["summary"], runs["mixed"]["summary"]
+        fo_pairs = runs["fo_pairs"]["summary"]
         fedavg_gain = base - last["eval_loss"]
         figures.update(
             zo_eval_loss_after=zo["eval_loss_after"], fo_eval_loss_after=fo["eval_loss_after"],
@@ -376,6 +381,12 @@ def main(argv: list[str]) -> None:
             fo_wire_bytes_per_client_round=fo["wire_bytes_per_client_round"],
             fedavg_bytes_per_client_round=avg["bytes_per_client_round"],
             fo_bytes_vs_fedavg=fo["bytes_per_client_round"] / avg["bytes_per_client_round"],
+            # q8 against pairs, same split and seeds: the gain kept and the bytes saved.
+            fo_pairs_eval_loss_after=fo_pairs["eval_loss_after"],
+            fo_pairs_bytes_per_client_round=fo_pairs["bytes_per_client_round"],
+            fo_q8_gain_vs_pairs=(fo["eval_loss_before"] - fo["eval_loss_after"])
+            / (fo_pairs["eval_loss_before"] - fo_pairs["eval_loss_after"]),
+            fo_pairs_rouge_l=[fo_pairs["rouge_l_before"], fo_pairs["rouge_l_after"]],
             mixed_fingerprints_agree=mixed["fingerprints_agree"], mixed_modes=mixed.get("modes"),
             fo_rouge_l=[fo["rouge_l_before"], fo["rouge_l_after"]],
             fo_exact_match=[fo["exact_match_before"], fo["exact_match_after"]],

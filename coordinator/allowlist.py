@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protocol.limits import MAX_ID_CHARS, PUBLIC_KEY_BYTES
-from protocol.messages import Challenge, Hello, Update
+from protocol.messages import Challenge, Hello, PackedUpdate, Update
 from protocol.signing import hello_signed_bytes, update_signed_bytes
 
 __all__ = [
@@ -412,7 +412,8 @@ def verify_hello(allowlist: Allowlist, challenge: Challenge, hello: Hello) -> st
     return entry.name
 
 
-def verify_update(public_key: bytes | Ed25519PublicKey, challenge: Challenge, update: Update) -> None:
+def verify_update(public_key: bytes | Ed25519PublicKey, challenge: Challenge,
+                  update: Update | PackedUpdate) -> None:
     """Check an update's signature with the key its connection's hello proved.
 
     Args:
@@ -487,7 +488,7 @@ class ReplayGuard:
         for stale in [number for number in self._rounds if number < oldest]:
             del self._rounds[stale]
 
-    def check(self, update: Update) -> None:
+    def check(self, update: Update | PackedUpdate) -> None:
         """Remember the update's ``(client_id, nonce)`` for its round; refuse a repeat.
 
         Raises:

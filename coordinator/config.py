@@ -26,6 +26,7 @@ Example (every key optional except where noted)::
 
     [modes.ferret]              # per training mode (the client's hello names its mode):
     seeds = 1024                # seeds its clients get each round (default: local_steps)
+    value_encoding = "q8"       # how they send their values: "pairs" (default), "f32", "q8"
     local_steps = 4             # every other key goes to those clients in round_task.settings
 
     [modes.droppeft]
@@ -63,6 +64,7 @@ from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, Aggregation
 from coordinator.tls import TlsError, check_transport
 from protocol import limits
 from protocol.messages import InvalidMessage, SettingsKind
+from protocol.values import ValueEncodingError, encoding_of
 
 __all__ = ["ConfigError", "FederationConfig", "default_quorum", "load_config"]
 
@@ -108,7 +110,9 @@ class FederationConfig:
             attempt's list, PROTOCOL.md §6.11) and any others, which go to its clients in
             ``round_task.settings`` (the client checks their names and types), except
             ``adapt`` and ``adapt_values``: a setting the coordinator tunes per client
-            and the values it tries (:mod:`coordinator.adaptive`).
+            and the values it tries (:mod:`coordinator.adaptive`). ``value_encoding``
+            (``"pairs"``, ``"f32"`` or ``"q8"``) goes to the clients too and says how
+            they send their values (:mod:`protocol.values`).
         batch_size, max_seq_len: the clients' batch shape.
         rounds: rounds to run (0 = until stopped).
         clients_per_round: clients asked to train in a round.
@@ -250,6 +254,10 @@ class FederationConfig:
             if seeds > self.seed_pool_size:
                 raise ConfigError(f"modes.{mode}.seeds: cannot exceed seed_pool_size ({self.seed_pool_size}); "
                                   "seeds in a round are distinct")
+            try:
+                encoding_of(table)
+            except ValueEncodingError as error:
+                raise ConfigError(f"modes.{mode}.{error}") from None
             settings = self.settings_for_mode(mode)
             if "adapt" in table or "adapt_values" in table:
                 name, values = table.get("adapt"), table.get("adapt_values")

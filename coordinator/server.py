@@ -58,6 +58,7 @@ from protocol.messages import (
     Goodbye,
     Hello,
     Message,
+    PackedUpdate,
     Reject,
     RoundCommit,
     RoundEntry,
@@ -630,7 +631,7 @@ class Coordinator:
         return session
 
     async def _dispatch(self, session: ClientSession, message: Message) -> None:
-        if isinstance(message, Update):
+        if isinstance(message, (Update, PackedUpdate)):
             await self._on_update(session, message)
         elif isinstance(message, Fingerprint):
             self._on_fingerprint(session, message)
@@ -643,22 +644,26 @@ class Coordinator:
             await self._send_safely(session, Error(code="unexpected", message=f"a client may not send {message.TYPE}",
                                                    field="type", round=None))
 
-    async def _on_update(self, session: ClientSession, update: Update) -> None:
+    async def _on_update(self, session: ClientSession, received: Update | PackedUpdate) -> None:
         machine = self.machine
+        update = received
         try:
-            if update.client_id != session.client_id:
-                raise UpdateRefused("wrong_client", "update.client_id is not this connection's client",
-                                    round=update.round, field="update.client_id")
-            self._authenticate(session, update)
+            if received.client_id != session.client_id:
+                raise UpdateRefused("wrong_client", f"{received.TYPE}.client_id is not this connection's client",
+                                    round=received.round, field=f"{received.TYPE}.client_id")
+            self._authenticate(session, received)  # a packed update's signature covers the packed bytes
             if session.flagged:
                 raise UpdateRefused("fingerprint_mismatch", "your model differs from the majority's; resync first",
                                     round=update.round, field="update.client_id")
             if machine is None:
-                raise UpdateRefused("round_not_open", "no round is open", round=update.round, field="update.round")
+                raise UpdateRefused("round_not_open", "no round is open", round=received.round,
+                                    field=f"{received.TYPE}.round")
             for name in ("loss_before", "loss_after"):
-                if abs(getattr(update, name)) > MAX_ABS_LOSS:
-                    raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=update.round,
-                                        field=f"update.{name}")
+                if abs(getattr(received, name)) > MAX_ABS_LOSS:
+                    raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=received.round,
+                                        field=f"{received.TYPE}.{name}")
+            if isinstance(received, PackedUpdate):
+                update = machine.unpack(received)  # the seeds it answers are the ones handed to it
             outcome = machine.receive(update)
         except UpdateRefused as refusal:
             await self._send_safely(session, Error(code=refusal.code, message=refusal.message,
@@ -674,7 +679,7 @@ class Coordinator:
                                                    status="duplicate" if outcome.duplicate else "accepted"))
         self._poke()
 
-    def _authenticate(self, session: ClientSession, update: Update) -> None:
+    def _authenticate(self, session: ClientSession, update: Update | PackedUpdate) -> None:
         """In allow-list mode, the update must be signed by the key the hello proved, over
         this connection's challenge (so an altered, impersonated or replayed-elsewhere
         update fails), with a nonce not seen before (PROTOCOL.md §4.5.2).
@@ -690,7 +695,7 @@ class Coordinator:
             self.replay_guard.check(update)
         except IdentityRefused as refusal:
             logger.warning("client %s: update for round %d refused: %s", session.client_id, update.round, refusal)
-            field = "update.signature" if refusal.reason.endswith("signature") else "update.nonce"
+            field = f"{update.TYPE}.signature" if refusal.reason.endswith("signature") else f"{update.TYPE}.nonce"
             raise UpdateRefused(refusal.reason, str(refusal), round=update.round, field=field) from None
 
     def _on_fingerprint(self, session: ClientSession, report: Fingerprint) -> None:

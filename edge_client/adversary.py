@@ -19,7 +19,7 @@ import sys
 from edge_client.cli import build_parser, main as client_main
 from edge_client.daemon import ClientConfig, EdgeClient
 from edge_client.engines import LocalUpdate
-from protocol.messages import RoundTask, Update
+from protocol.messages import PackedUpdate, RoundTask, Update
 from protocol.table import fl32
 
 __all__ = ["ATTACKS", "AdversarialClient", "poison"]
@@ -53,9 +53,9 @@ class AdversarialClient(EdgeClient):
         self.scale = scale
         self._rng = random.Random(config.client_id)
 
-    def _make_update(self, task: RoundTask, result: LocalUpdate) -> Update:
+    def _make_update(self, task: RoundTask, result: LocalUpdate, encoding: str = "pairs") -> Update | PackedUpdate:
         pairs = tuple((seed, poison(value, self.attack, self.scale, self._rng)) for seed, value in result.pairs)
-        return super()._make_update(task, dataclasses.replace(result, pairs=pairs))
+        return super()._make_update(task, dataclasses.replace(result, pairs=pairs), encoding)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,7 @@ from protocol.messages import (
     Goodbye,
     Hello,
     Message,
+    PackedUpdate,
     Reject,
     RoundCommit,
     RoundTask,
@@ -74,6 +75,7 @@ from protocol.messages import (
     UpdateAck,
     Welcome,
 )
+from protocol.values import ENCODING_SETTING, ValueEncodingError, encoding_of, pack_values
 
 __all__ = ["ClientConfig", "EdgeClient", "FatalClientError", "copies_location", "plan_training"]
 
@@ -457,8 +459,11 @@ class EdgeClient:
             return
         if sync.drifted:  # an earlier attempt at this round was abandoned or ended early
             await asyncio.to_thread(sync.discard_local_training)
+        settings = dict(task.settings)
         try:  # the mode's settings for this round, from the coordinator's [modes] table
-            self.engine.update_settings(self._settings_for(dict(task.settings)))
+            encoding = encoding_of(settings)  # a wire setting, not the mode's
+            settings.pop(ENCODING_SETTING, None)
+            self.engine.update_settings(self._settings_for(settings))
         except Exception as error:  # SettingsError, or a mode's fit_settings that cannot fit them
             logger.error("round %d: the coordinator's settings for mode %s are unusable (%s); no update sent",
                          task.round, self.engine_cls.name if self.engine_cls else "-", error)
@@ -483,20 +488,31 @@ class EdgeClient:
                          type(error).__name__, error)
             await asyncio.to_thread(sync.discard_local_training)
             return
-        await self._send(connection, self._make_update(task, result))
+        await self._send(connection, self._make_update(task, result, encoding))
         self.rounds_trained += 1
         logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
                     result.seconds, result.loss_before, result.loss_after)
 
-    def _make_update(self, task: RoundTask, result: LocalUpdate) -> Update:
-        """The signed (when this client has a key) update reporting ``result``."""
-        update = Update(
-            round=task.round, attempt=task.attempt, client_id=self.config.client_id, pairs=result.pairs,
-            # What the scalars were computed from this round, not the dataset size
-            # (PROTOCOL.md: the aggregation weight of the update).
-            num_examples=result.num_examples, loss_before=result.loss_before, loss_after=result.loss_after,
-            nonce=secrets.token_bytes(16), signature=None,
-        )
+    def _make_update(self, task: RoundTask, result: LocalUpdate, encoding: str = "pairs") -> Update | PackedUpdate:
+        """The signed (when this client has a key) update reporting ``result``: an
+        ``update`` of (seed, value) pairs, or the ``packed_update`` the task's
+        ``value_encoding`` asks for (PROTOCOL.md §4.3.1)."""
+        # num_examples: what the scalars were computed from this round, not the dataset
+        # size (PROTOCOL.md: the aggregation weight of the update).
+        common = dict(round=task.round, attempt=task.attempt, client_id=self.config.client_id,
+                      num_examples=result.num_examples, loss_before=result.loss_before,
+                      loss_after=result.loss_after, nonce=secrets.token_bytes(16), signature=None)
+        update: Update | PackedUpdate
+        if encoding == "pairs":
+            update = Update(pairs=result.pairs, **common)
+        else:
+            try:
+                scale, packed = pack_values([value for _, value in result.pairs], encoding)
+                update = PackedUpdate(encoding=encoding, scale=scale, values=packed, **common)
+            except ValueEncodingError as error:  # e.g. beyond float32: the pairs carry it
+                logger.warning("round %d: cannot send the values as %s (%s); sending pairs", task.round,
+                               encoding, error)
+                update = Update(pairs=result.pairs, **common)
         if self.identity is not None and self._challenge is not None:
             update = self.identity.sign_update(self._challenge, update)
         return update

@@ -21,16 +21,19 @@ import base64
 import dataclasses
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import keyfile
 from protocol.keyfile import KEY_FILE_MODE, KeyFileError
-from protocol.messages import Challenge, Hello, Update
+from protocol.messages import Challenge, Hello, PackedUpdate, Update
 from protocol.signing import hello_signed_bytes, update_signed_bytes
 
 __all__ = ["IdentityError", "ClientIdentity", "KEY_FILE_MODE"]
+
+_AnyUpdate = TypeVar("_AnyUpdate", Update, PackedUpdate)
 
 IdentityError = KeyFileError
 """A key file cannot be created or used; the message says which file and why.
@@ -163,7 +166,7 @@ class ClientIdentity:
         unsigned = dataclasses.replace(hello, public_key=self._public_key, signature=None)
         return dataclasses.replace(unsigned, signature=self.sign(hello_signed_bytes(challenge, unsigned)))
 
-    def sign_update(self, challenge: Challenge, update: Update) -> Update:
+    def sign_update(self, challenge: Challenge, update: _AnyUpdate) -> _AnyUpdate:
         """``update`` with its signature, for the connection that received ``challenge``.
 
         Args:

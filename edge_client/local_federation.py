@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ferret-steps", type=int, default=4, help="first-order steps per round of a ferret client")
     parser.add_argument("--ferret-optimizer", default="sgd", choices=["sgd", "adamw"],
                         help="sgd keeps ferret's scalars on MeZO's scale (PROTOCOL.md 8.1.2)")
+    parser.add_argument("--droppeft-ratios", type=_ratios, default=(0.25, 0.5, 0.75),
+                        help="layer-dropout ratios a droppeft client may get, comma-separated: the "
+                             "coordinator's bandit picks among several per client; one value is fixed")
+    parser.add_argument("--value-encoding", default="q8", choices=["pairs", "f32", "q8"],
+                        help="how ferret and droppeft clients send their scalars: q8 (one byte each, "
+                             "linearly quantised), f32, or (seed, float64) pairs (PROTOCOL.md 4.3.1)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=96)
     parser.add_argument("--learning-rate", type=float, default=2e-4,
@@ -256,13 +262,26 @@ class RoundProgress:
 # -- running the federation ---------------------------------------------------------------
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    """``--droppeft-ratios``: 1 to 16 distinct ratios in [0, 1)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not 1 <= len(values) <= 16 or len(set(values)) != len(values) or not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected 1 to 16 distinct ratios in [0, 1), got {text!r}")
+    return values
+
+
 def modes_config(args: argparse.Namespace) -> str:
     """The coordinator's ``[modes]`` tables for this run (TOML)."""
     first_order = (f"seeds = {args.ferret_seeds}\nlocal_steps = {args.ferret_steps}\n"
-                   f"optimizer = \"{args.ferret_optimizer}\"\n")
+                   f"optimizer = \"{args.ferret_optimizer}\"\nvalue_encoding = \"{args.value_encoding}\"\n")
     # droppeft: ferret's round with layer dropout, its ratio tuned per client by a bandit
-    return (f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}"
-            "adapt = \"dropout_ratio\"\nadapt_values = [0.25, 0.5, 0.75]\n")
+    ratios = args.droppeft_ratios
+    dropout = (f"dropout_ratio = {ratios[0]}\n" if len(ratios) == 1 else
+               f"adapt = \"dropout_ratio\"\nadapt_values = [{', '.join(str(r) for r in ratios)}]\n")
+    return f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}{dropout}"
 
 
 def coordinator_command(args: argparse.Namespace, model_hash: str, run_dir: Path, port_file: Path) -> list[str]:

@@ -63,8 +63,9 @@ MAX_STRING_BYTES: Final = 4 * MAX_STRING_CHARS
 # Identifiers (client and federation ids) are short, ASCII and safe in file names.
 MAX_ID_CHARS: Final = 64
 
-# Binary fields are nonces, keys and signatures, none longer than a few dozen bytes.
-MAX_BYTES_FIELD: Final = 256
+# Binary fields are nonces, keys and signatures (a few dozen bytes) and, since 2.1, a
+# packed update's values: at most 4 bytes (f32) for each of MAX_SEEDS_PER_ROUND seeds.
+MAX_BYTES_FIELD: Final = 4 * MAX_SEEDS_PER_ROUND
 
 # The deepest valid value is sync_response.rounds[i].coefficients[j] (5 levels).
 MAX_NESTING_DEPTH: Final = 8
@@ -115,7 +116,7 @@ PUBLIC_KEY_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
 
 # The version this implementation speaks, as (major, minor).
-PROTOCOL_VERSION: Final = (2, 0)
+PROTOCOL_VERSION: Final = (2, 1)
 
 # Major versions this implementation can talk to; minors within a major are compatible.
 SUPPORTED_MAJOR_VERSIONS: Final = (2,)

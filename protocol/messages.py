@@ -87,6 +87,8 @@ __all__ = [
     # client -> coordinator
     "Hello",
     "Update",
+    "PackedUpdate",
+    "VALUE_ENCODINGS",
     "Fingerprint",
     "SyncRequest",
     # both directions
@@ -1121,6 +1123,78 @@ class Update(_Record):
     signature: Annotated[bytes | None, OptionalKind(BytesKind(SIGNATURE_BYTES, SIGNATURE_BYTES))]
 
 
+VALUE_ENCODINGS: dict[str, int] = {"f32": 4, "q8": 1}
+"""The encodings of a ``packed_update``'s values and the bytes each value takes."""
+
+
+@_schema
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackedUpdate(_Record):
+    """Client -> coordinator: an update whose seeds are implied by the task (since 2.1).
+
+    Sent instead of ``update`` when the round task's settings ask for it (the reserved
+    key ``value_encoding``, PROTOCOL.md §4.3). The values answer the client's seeds of
+    the task in task order, so no seed travels: value ``k`` is ``scale × x_k``, with
+    ``x_k`` the ``k``-th element of ``values`` read as a little-endian IEEE float32
+    (``"f32"``) or a signed byte in [-127, 127] (``"q8"``). See :mod:`protocol.values`.
+
+    Attributes:
+        round: the round (>= 1).
+        attempt: the attempt of the task answered.
+        client_id: the sender.
+        encoding: ``"f32"`` or ``"q8"``.
+        scale: the factor every element is multiplied by (finite, > 0).
+        values: the packed elements, one per seed of the task handed to this client.
+        num_examples: as in ``update``.
+        loss_before: as in ``update``.
+        loss_after: as in ``update``.
+        nonce: 16 random bytes, unique per update.
+        signature: Ed25519 signature over the update (64 bytes), or None.
+    """
+
+    TYPE: ClassVar[str] = "packed_update"
+
+    round: PositiveRoundField
+    attempt: CountField
+    client_id: IdField
+    encoding: Annotated[str, StrKind(choices=tuple(VALUE_ENCODINGS))]
+    scale: PositiveF64Field
+    values: Annotated[bytes, BytesKind(1, 4 * MAX_SEEDS_PER_ROUND)]
+    num_examples: Annotated[int, IntKind(1, MAX_EXAMPLES)]
+    loss_before: F64Field
+    loss_after: F64Field
+    nonce: Annotated[bytes, BytesKind(NONCE_BYTES, NONCE_BYTES)]
+    signature: Annotated[bytes | None, OptionalKind(BytesKind(SIGNATURE_BYTES, SIGNATURE_BYTES))]
+
+    def _check(self, path: str) -> None:
+        width = VALUE_ENCODINGS[self.encoding]
+        if len(self.values) % width:
+            raise InvalidMessage(f"{path}.values", f"{len(self.values)} bytes is not a whole number of "
+                                 f"{width}-byte {self.encoding} values")
+        if len(self.values) // width > MAX_SEEDS_PER_ROUND:
+            raise InvalidMessage(f"{path}.values", f"more than {MAX_SEEDS_PER_ROUND} values")
+        if self.encoding == "q8":
+            at = self.values.find(b"\x80")  # -128 has no positive twin: the range is symmetric
+            if at >= 0:
+                raise InvalidMessage(f"{path}.values[{at}]", "q8 element -128 (0x80)")
+        else:
+            for index, (element,) in enumerate(struct.iter_unpack("<f", self.values)):
+                if not math.isfinite(element * self.scale):
+                    raise InvalidMessage(f"{path}.values[{index}]", "not finite once scaled")
+
+    @property
+    def count(self) -> int:
+        """How many values (seeds) the update carries."""
+        return len(self.values) // VALUE_ENCODINGS[self.encoding]
+
+    def decoded(self) -> tuple[float, ...]:
+        """The values: each element times ``scale``, one IEEE float64 multiplication
+        (so every implementation decodes the same bits)."""
+        if self.encoding == "q8":
+            return tuple(self.scale * element for element in struct.unpack(f"<{len(self.values)}b", self.values))
+        return tuple(self.scale * element for (element,) in struct.iter_unpack("<f", self.values))
+
+
 @_schema
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fingerprint(_Record):
@@ -1178,6 +1252,7 @@ Message = Union[
     Error,
     Hello,
     Update,
+    PackedUpdate,
     Fingerprint,
     SyncRequest,
     Goodbye,

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protocol.errors import InvalidState
-from protocol.messages import Update
+from protocol.messages import PackedUpdate, Update
 
 __all__ = ["RoundState", "RoundMachine", "UpdateRefused", "Accepted", "TRANSITIONS"]
 
@@ -160,6 +160,34 @@ class RoundMachine:
         self.updates[update.client_id] = update
         self._fire(Event.LAST_UPDATE if set(self.updates) >= self.assigned else Event.UPDATE)
         return Accepted(duplicate=False)
+
+    def unpack(self, packed: PackedUpdate) -> Update:
+        """The ``update`` a ``packed_update`` stands for: its values paired with the
+        seeds this round handed its sender, in task order (PROTOCOL.md §4.3.1).
+
+        Check the signature before this (it covers the packed bytes), then pass the
+        result to :meth:`receive`.
+
+        Raises:
+            UpdateRefused: the client was not handed this round, or the update does not
+                carry exactly one value per seed handed to it.
+        """
+        if packed.round != self.round or packed.attempt != self.attempt:
+            code = "stale_round" if (packed.round, packed.attempt) < (self.round, self.attempt) else "round_not_open"
+            raise UpdateRefused(code, f"update for round {packed.round} attempt {packed.attempt}, but the open "
+                                f"round is {self.round} attempt {self.attempt}", round=packed.round,
+                                field="packed_update.round")
+        if packed.client_id not in self.assigned:
+            raise UpdateRefused("not_assigned", f"client {packed.client_id!r} was not given round {self.round}",
+                                round=self.round, field="packed_update.client_id")
+        handed = self.client_seeds.get(packed.client_id, self.seeds)
+        if packed.count != len(handed):
+            raise UpdateRefused("wrong_seeds", f"{packed.count} values for the {len(handed)} seeds handed out",
+                                round=self.round, field="packed_update.values")
+        return Update(round=packed.round, attempt=packed.attempt, client_id=packed.client_id,
+                      pairs=tuple(zip(handed, packed.decoded())), num_examples=packed.num_examples,
+                      loss_before=packed.loss_before, loss_after=packed.loss_after, nonce=packed.nonce,
+                      signature=packed.signature)
 
     def is_ready(self) -> bool:
         return self._state is RoundState.READY

@@ -4,10 +4,10 @@ An Ed25519 signature covers bytes, not messages, so both sides must build the sa
 bytes from the same message. msgpack cannot serve: several encodings of one value are
 valid, and a peer in another language may pick another. These functions define the
 *signed bytes* of a ``hello`` and of an ``update`` field by field, in a layout that any
-language can reproduce (PROTOCOL.md, identity section; ``docs/identity.md`` has the
-table and test vectors). This module signs and verifies nothing itself: it is pure
-(hashlib and struct only), so the protocol layer stays free of I/O (cryptography appears
-there only in ``keyfile.py``, to parse key files).
+language can reproduce (PROTOCOL.md §4.5.1 has the table, §4.5.3 the test vectors).
+This module signs and verifies nothing itself: it is pure (hashlib and struct only),
+so the protocol layer stays free of I/O (cryptography appears there only in
+``keyfile.py``, to parse key files).
 
 Building blocks, all integers big-endian:
 
@@ -41,6 +41,12 @@ hello was verified), ``client_id``, ``round``, ``attempt``, the update's 16-byte
 ``nonce`` and the SHA-256 of its body (:func:`update_body_bytes`: the pairs,
 ``num_examples``, ``loss_before``, ``loss_after``). So every field of the update except
 ``signature`` is covered.
+
+Packed update (since 2.1): the same layout under its own tag,
+:data:`PACKED_UPDATE_TAG`, with the SHA-256 of :func:`packed_update_body_bytes`
+(``encoding``, ``scale``, the packed ``values`` as sent, ``num_examples``,
+``loss_before``, ``loss_after``): the signature covers the bytes the coordinator
+decodes, so no re-encoding of floats is needed to check it.
 """
 
 from __future__ import annotations
@@ -50,15 +56,17 @@ import struct
 from typing import Final
 
 from protocol.limits import NONCE_BYTES, PUBLIC_KEY_BYTES
-from protocol.messages import Challenge, DeviceProfile, Hello, Update
+from protocol.messages import Challenge, DeviceProfile, Hello, PackedUpdate, Update
 
 __all__ = [
     "HELLO_TAG",
     "UPDATE_TAG",
+    "PACKED_UPDATE_TAG",
     "hello_signed_bytes",
     "update_signed_bytes",
     "update_body_bytes",
     "update_body_hash",
+    "packed_update_body_bytes",
 ]
 
 HELLO_TAG: Final = b"edgefed-hello-v1\x00"
@@ -66,6 +74,9 @@ HELLO_TAG: Final = b"edgefed-hello-v1\x00"
 
 UPDATE_TAG: Final = b"edgefed-update-v1\x00"
 """Domain-separation tag that starts the signed bytes of an update (18 bytes)."""
+
+PACKED_UPDATE_TAG: Final = b"edgefed-packed-update-v1\x00"
+"""Domain-separation tag that starts the signed bytes of a packed update (25 bytes)."""
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -208,18 +219,45 @@ def update_body_bytes(update: Update) -> bytes:
     ))
 
 
-def update_body_hash(update: Update) -> bytes:
-    """SHA-256 of :func:`update_body_bytes` (32 bytes)."""
+def packed_update_body_bytes(update: PackedUpdate) -> bytes:
+    """The body of a packed update, the bytes whose SHA-256 its signed bytes hold.
+
+    Layout::
+
+        str       update.encoding
+        f64       update.scale
+        bin       update.values            as sent
+        u64       update.num_examples
+        f64       update.loss_before
+        f64       update.loss_after
+    """
+    return b"".join((
+        _str(update.encoding),
+        _F64.pack(update.scale),
+        _bin(update.values),
+        _u64(update.num_examples),
+        _F64.pack(update.loss_before),
+        _F64.pack(update.loss_after),
+    ))
+
+
+def update_body_hash(update: Update | PackedUpdate) -> bytes:
+    """SHA-256 of the update's body (32 bytes): :func:`update_body_bytes`, or
+    :func:`packed_update_body_bytes` for a packed update."""
+    if isinstance(update, PackedUpdate):
+        return hashlib.sha256(packed_update_body_bytes(update)).digest()
     return hashlib.sha256(update_body_bytes(update)).digest()
 
 
-def update_signed_bytes(challenge: Challenge, update: Update) -> bytes:
+def update_signed_bytes(challenge: Challenge, update: Update | PackedUpdate) -> bytes:
     """The bytes a client signs to send ``update`` on the connection that got ``challenge``.
 
     Layout (every field of the update but ``signature``, bound to the federation and
     to the connection)::
 
         raw[18]   UPDATE_TAG               "edgefed-update-v1" 0x00
+                  (a packed update: raw[25] PACKED_UPDATE_TAG,
+                  "edgefed-packed-update-v1" 0x00)
         str       challenge.federation_id
         bin       challenge.server_nonce
         str       update.client_id
@@ -231,13 +269,13 @@ def update_signed_bytes(challenge: Challenge, update: Update) -> bytes:
     Args:
         challenge: the challenge of the connection the update is sent on (the one whose
             hello the coordinator verified).
-        update: the update (its ``signature`` is ignored).
+        update: the update or packed update (its ``signature`` is ignored).
 
     Returns:
         The bytes to sign or verify.
     """
     parts = [
-        UPDATE_TAG,
+        PACKED_UPDATE_TAG if isinstance(update, PackedUpdate) else UPDATE_TAG,
         _str(challenge.federation_id),
         _bin(challenge.server_nonce),
         _str(update.client_id),

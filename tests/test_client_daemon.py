@@ -34,7 +34,7 @@ from edge_client.daemon import ClientConfig, EdgeClient
 from edge_client.engines import LocalUpdate
 from profiles.chooser import TrainingTask, choose, estimate_mode, policy_entry
 from profiles.estimator import ModelShape
-from protocol.messages import RoundTask, Update
+from protocol.messages import PackedUpdate, RoundTask, Update
 
 from harness import TIMEOUT_S, Tiny, client_status, coordinator, make_tiny, until, write_data  # noqa: E402, I001
 
@@ -108,9 +108,9 @@ class RecordingClient(EdgeClient):
         super().__init__(config)
         self.results: list[LocalUpdate] = []
 
-    def _make_update(self, task: RoundTask, result: LocalUpdate) -> Update:
+    def _make_update(self, task: RoundTask, result: LocalUpdate, encoding: str = "pairs") -> Update | PackedUpdate:
         self.results.append(result)
-        return super()._make_update(task, result)
+        return super()._make_update(task, result, encoding)
 
 
 def test_an_update_carries_the_examples_its_scalars_came_from_not_the_dataset_size(tmp_path: Path,

@@ -147,7 +147,7 @@ def test_a_future_major_version_with_a_different_hello_still_gets_a_version_reje
     async def body(coordinator, url):
         reply, close_code = await handshake(url, future_hello)
         assert isinstance(reply, Reject) and reply.code == "version"
-        assert reply.supported_versions == ((2, 0),)
+        assert reply.supported_versions == ((2, 1),)
         assert close_code == 1002
 
     asyncio.run(with_coordinator(tmp_path, body))

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import sqlite3
+import struct
 from pathlib import Path
 
 import pytest
@@ -166,13 +167,16 @@ def test_an_honest_first_order_client_is_not_trimmed_for_being_first_order(tmp_p
 def test_a_mixed_federation_hands_each_mode_its_seeds_and_settings(tmp_path: Path, tiny: Tiny) -> None:
     """A MeZO client and a Ferret client in one real federation: each gets its mode's
     number of seeds (a prefix of the round's) and settings, both updates commit, and the
-    two replicas hold the same model after every round."""
+    two replicas hold the same model after every round. Each sends its values packed
+    as its mode's ``value_encoding`` says (q8, f32), and the ledger holds them decoded."""
     clients: list[EdgeClient] = []
 
     async def body() -> None:
         async with coordinator(tmp_path, tiny, rounds=2, clients_per_round=2, quorum=2, min_clients=2,
                                scope="lora", local_steps=3, learning_rate=1e-4,
-                               modes={"ferret": {"seeds": 40, "local_steps": 2, "optimizer": "sgd"}}) as server:
+                               modes={"ferret": {"seeds": 40, "local_steps": 2, "optimizer": "sgd",
+                                                 "value_encoding": "q8"},
+                                      "mezo": {"value_encoding": "f32"}}) as server:
             for name, mode in (("zo", "mezo"), ("fo", "ferret")):
                 client = EdgeClient(ClientConfig(
                     url=f"ws://127.0.0.1:{server.port}", client_id=name, mode=mode,
@@ -192,6 +196,13 @@ def test_a_mixed_federation_hands_each_mode_its_seeds_and_settings(tmp_path: Pat
     for r in (1, 2):  # the MeZO client's seeds are the first 3 of the Ferret client's
         fo_seeds, zo_seeds = ([seed for seed, _ in json.loads(pairs)] for _, _, _, pairs in rows[2 * r - 2:2 * r])
         assert zo_seeds == fo_seeds[:3]
+    for _, client_id, _, pairs in rows:
+        values = [value for _, value in json.loads(pairs)]
+        if client_id == "fo":  # q8: every value is one scale times an integer in [-127, 127]
+            scale = max(abs(v) for v in values) / 127
+            assert all(abs(v / scale - round(v / scale)) < 1e-6 for v in values), values
+        else:  # f32: every value survives a float32 round trip
+            assert all(struct.unpack("<f", struct.pack("<f", v))[0] == v for v in values), values
     zo, fo = clients
     assert type(fo.engine).__name__ == "FerretEngine" and fo.engine.settings.local_steps == 2
     assert zo.sync.round == fo.sync.round == 2

@@ -41,6 +41,7 @@ from protocol.messages import (
     Goodbye,
     Hello,
     Message,
+    PackedUpdate,
     Reject,
     RoundCommit,
     RoundTask,
@@ -50,6 +51,7 @@ from protocol.messages import (
     UpdateAck,
     Welcome,
 )
+from protocol.values import pack_values
 
 HASH = "cd" * 32
 FINGERPRINT = "11" * 32
@@ -644,7 +646,7 @@ def test_an_unknown_major_version_is_rejected_then_closed_1002(tmp_path: Path, v
             assert isinstance(await peer.recv(), Challenge)
             await peer.send(hello("future", version=version))
             reply = await peer.recv()
-            assert isinstance(reply, Reject) and reply.code == "version" and reply.supported_versions == ((2, 0),)
+            assert isinstance(reply, Reject) and reply.code == "version" and reply.supported_versions == ((2, 1),)
             assert f"{version[0]}.{version[1]}" in reply.message
             assert (await peer.closed())[0] == 1002
             assert fed.rows() == before
@@ -791,6 +793,48 @@ def test_updates_outside_the_open_round_are_refused_and_resends_are_idempotent(t
             assert fed.rows()["contributions"] == 2
             await fed.assert_serving()
             await fed.leave(*peers.values())
+
+    run(body)
+
+
+def test_a_packed_update_is_paired_with_the_senders_seeds_or_refused_at_its_field(tmp_path: Path) -> None:
+    """Protocol 2.1's packed update on a live coordinator: the wrong number of values,
+    or another client's id, is refused at a ``packed_update.`` field; a good one is
+    acknowledged (a resend as a duplicate) and reaches the ledger as the task's seeds
+    paired with its decoded values."""
+
+    async def body() -> None:
+        async with federation(tmp_path, min_clients=2, clients_per_round=2, quorum=2, deadline_s=30) as fed:
+            coordinator = fed.coordinator
+            peers = [await Peer.join(fed, name) for name in ("a", "b")]
+            tasks = [await peer.expect(RoundTask) for peer in peers]
+            x, y = peers
+            seeds = tasks[1].seeds
+            scale, values = pack_values([0.5 * (i + 1) for i in range(len(seeds))], "q8")
+
+            def packed(client_id: str, data: bytes) -> PackedUpdate:
+                return PackedUpdate(round=1, attempt=0, client_id=client_id, encoding="q8", scale=scale,
+                                    values=data, num_examples=10, loss_before=2.0, loss_after=1.9,
+                                    nonce=b"p" * 16, signature=None)
+
+            for message, code, field in (
+                    (packed("b", values[:-1]), "wrong_seeds", "packed_update.values"),
+                    (packed("b", values + b"\x01"), "wrong_seeds", "packed_update.values"),
+                    (packed("a", values), "wrong_client", "packed_update.client_id")):
+                await y.send(message)
+                reply = await y.expect(Error)
+                assert (reply.code, reply.field, reply.round) == (code, field, 1), reply
+            good = packed("b", values)
+            await y.send(good)
+            assert (await y.expect(UpdateAck)).status == "accepted"
+            await y.send(good)
+            assert (await y.expect(UpdateAck)).status == "duplicate"
+            await x.send(update("a", 1, tasks[0].seeds))
+            assert (await x.expect(UpdateAck)).status == "accepted"
+            await x.expect(RoundCommit)
+            stored = {c.client_id: c for c in coordinator.ledger.contributions(1)}["b"]
+            assert stored.pairs == tuple(zip(seeds, good.decoded()))
+            await fed.leave(*peers)
 
     run(body)
 

@@ -37,11 +37,12 @@ from coordinator.allowlist import (
 )
 from edge_client.identity import ClientIdentity, IdentityError
 from protocol.keyfile import MAX_KEY_FILE_BYTES, KeyFileError
-from protocol.messages import Challenge, DeviceProfile, FederationInfo, Hello, ScopeSpec, Update
+from protocol.messages import Challenge, DeviceProfile, FederationInfo, Hello, PackedUpdate, ScopeSpec, Update
 from protocol.signing import (
     HELLO_TAG,
     UPDATE_TAG,
     hello_signed_bytes,
+    packed_update_body_bytes,
     update_body_bytes,
     update_body_hash,
     update_signed_bytes,
@@ -126,6 +127,21 @@ UPDATE_SIGNATURE_HEX = (
     "25b8c1bbd6d66b58855fc352f18e25ae58224fa003fe303cf90db16a5fbdd10f"
 )
 
+PACKED_BODY_HEX = (
+    "00000002" "7138" "3f8999999999999a" "00000003" "01ff7f" "00000000000000c8" "4006000000000000" "4004000000000000"
+)
+PACKED_BODY_SHA256_HEX = "0d2a5036185b536fb2de80a1497581b162e99c80b70557d698c82734946529bd"
+PACKED_SIGNED_HEX = (
+    "656467656665642d7061636b65642d7570646174652d7631000000000464656d6f0000002040414243444546474849"
+    "4a4b4c4d4e4f505152535455565758595a5b5c5d5e5f000000086c6170746f702d3100000000000000030000000000"
+    "000001a0a1a2a3a4a5a6a7a8a9aaabacadaeaf0d2a5036185b536fb2de80a1497581b162e99c80b70557d698c82734"
+    "946529bd"
+)
+PACKED_SIGNATURE_HEX = (
+    "3d44cbf88d8767023dc5de6a4f754442ece04efd50ada5bedc177ab2df9944c5"
+    "9a1b976a32a3ef0821818abe03def8a24ea39e7f0e16f5f04044877944438200"
+)
+
 
 def test_fixed_key_vector() -> None:
     assert fixed_identity().public_key_bytes.hex() == PUBLIC_HEX
@@ -146,6 +162,18 @@ def test_update_signed_bytes_vector() -> None:
     assert update_signed_bytes(make_challenge(), update).hex() == UPDATE_SIGNED_HEX
     signed = fixed_identity().sign_update(make_challenge(), update)
     assert signed.signature is not None and signed.signature.hex() == UPDATE_SIGNATURE_HEX
+
+
+def test_packed_update_signed_bytes_vector() -> None:
+    update = PackedUpdate(round=3, attempt=1, client_id="laptop-1", encoding="q8", scale=0.0125,
+                          values=bytes([0x01, 0xFF, 0x7F]), num_examples=200, loss_before=2.75, loss_after=2.5,
+                          nonce=bytes(range(0xA0, 0xB0)), signature=None)
+    assert packed_update_body_bytes(update).hex() == PACKED_BODY_HEX
+    assert update_body_hash(update).hex() == PACKED_BODY_SHA256_HEX
+    assert update_signed_bytes(make_challenge(), update).hex() == PACKED_SIGNED_HEX
+    signed = fixed_identity().sign_update(make_challenge(), update)
+    assert signed.signature is not None and signed.signature.hex() == PACKED_SIGNATURE_HEX
+    assert update.decoded() == (0.0125, -0.0125, 1.5875000000000001)
 
 
 def _s(text: str) -> bytes:
@@ -828,5 +856,6 @@ def test_vectors_are_documented() -> None:
     text = (root / "PROTOCOL.md").read_text(encoding="utf-8")
     compact = "".join(text.split())
     for vector in (PUBLIC_HEX, HELLO_SIGNED_HEX, HELLO_SIGNATURE_HEX, UPDATE_BODY_HEX, UPDATE_BODY_SHA256_HEX,
-                   UPDATE_SIGNED_HEX, UPDATE_SIGNATURE_HEX):
+                   UPDATE_SIGNED_HEX, UPDATE_SIGNATURE_HEX, PACKED_BODY_HEX, PACKED_BODY_SHA256_HEX,
+                   PACKED_SIGNED_HEX, PACKED_SIGNATURE_HEX):
         assert vector in compact, vector[:32]

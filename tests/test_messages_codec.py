@@ -25,6 +25,7 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.limits import (
+    MAX_BYTES_FIELD,
     MAX_FRAME_BYTES,
     MAX_NESTING_DEPTH,
     MAX_SEEDS_PER_ROUND,
@@ -41,6 +42,7 @@ from protocol.messages import (
     Fingerprint,
     Goodbye,
     Hello,
+    PackedUpdate,
     Reject,
     RoundCommit,
     RoundEntry,
@@ -137,6 +139,9 @@ ALL_MESSAGES = [
     Fingerprint(round=13, fingerprint=DIGEST, table_digest=DIGEST2),
     SyncRequest(have_round=0),
     Goodbye(reason="user closed the app"),
+    PackedUpdate(round=13, attempt=0, client_id="laptop-7", encoding="q8", scale=0.0125,
+                 values=bytes([1, 255, 127, 0]), num_examples=32, loss_before=2.4512, loss_after=2.4498,
+                 nonce=b"\x01" * 16, signature=bytes(range(64))),
 ]
 
 
@@ -376,7 +381,7 @@ def test_declared_lengths_beyond_the_frame_are_refused_without_allocating() -> N
 def test_oversize_containers_are_refused_by_the_scan() -> None:
     refuse({"type": "goodbye", "reason": "x", **{f"k{i}": i for i in range(40)}}, MalformedFrame)
     refuse({"type": "goodbye", "reason": [0] * 70_000}, MalformedFrame)
-    refuse({"type": "goodbye", "reason": b"\x00" * 300}, MalformedFrame)
+    refuse({"type": "goodbye", "reason": b"\x00" * (MAX_BYTES_FIELD + 1)}, MalformedFrame)
     refuse({"type": "goodbye", "reason": "é" * 1100}, MalformedFrame)
 
 

@@ -7,9 +7,11 @@ gets in; the coordinator refuses a non-loopback address without TLS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -58,6 +60,9 @@ def test_allow_list_and_tls(tmp_path):
 
     port_file = tmp_path / "port"
     logs = {}
+    # The clients send packed (q8) updates, so the signature over packed bytes is checked too.
+    modes = tmp_path / "modes.toml"
+    modes.write_text("".join(f'[modes.{mode}]\nvalue_encoding = "q8"\n' for mode in ("mezo", "ferret", "droppeft")))
 
     def spawn(name: str, command: list[str]) -> subprocess.Popen:
         logs[name] = tmp_path / f"{name}.log"
@@ -67,9 +72,9 @@ def test_allow_list_and_tls(tmp_path):
         return logs[name].read_text()
 
     coordinator = spawn("coordinator", [
-        sys.executable, "-m", "coordinator.cli", "--model-hash", model_hash, "--model-name", "tiny",
-        "--ledger-path", str(tmp_path / "ledger.db"), "--port", "0", "--port-file", str(port_file),
-        "--rounds", "1", "--seed-pool-size", "16", "--local-steps", "2", "--batch-size", "2",
+        sys.executable, "-m", "coordinator.cli", "--config", str(modes), "--model-hash", model_hash,
+        "--model-name", "tiny", "--ledger-path", str(tmp_path / "ledger.db"), "--port", "0",
+        "--port-file", str(port_file), "--rounds", "1", "--seed-pool-size", "16", "--local-steps", "2", "--batch-size", "2",
         "--max-seq-len", "64", "--learning-rate", "1e-3", "--clients-per-round", "2", "--quorum", "2",
         "--min-clients", "2", "--deadline-s", "60", "--allowlist", str(allow),
         "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)])
@@ -110,6 +115,12 @@ def test_allow_list_and_tls(tmp_path):
         text = log("coordinator")
         assert "committed" in text and "refused" in text
         assert "OPEN MODE" not in text
+        with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+            stored = [json.loads(pairs) for (pairs,) in db.execute("SELECT pairs_json FROM contributions")]
+        assert len(stored) == 2
+        for pairs in stored:  # q8: every value one scale times an integer
+            scale = max(abs(value) for _, value in pairs) / 127
+            assert all(abs(value / scale - round(value / scale)) < 1e-6 for _, value in pairs), pairs
     finally:
         for proc in [*clients.values(), coordinator]:
             if proc.poll() is None:
