@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import sqlite3
@@ -27,12 +28,14 @@ from harness import Tiny, coordinator, make_tiny, write_data
 from coordinator.aggregate import AggregationRule, aggregate, aggregate_with_report
 from edge_client.daemon import ClientConfig, EdgeClient
 from edge_client.data import BatchStream, load_jsonl, tokenize
-from edge_client.engines import RoundPlan, get_engine
-from edge_client.engines.ferret import FerretEngine, FerretSettings, projected_scalars
+from edge_client.engines import RoundPlan, engine_policy, get_engine
+from edge_client.engines.ferret import (FerretEngine, FerretSettings, first_order_memory, optimizer_state_bytes,
+                                        projected_scalars)
 from edge_client.engines.mezo import MeZOEngine, MeZOSettings
 from edge_client.model import load_model
 from edge_client.scope import ScopeConfig
 from edge_client.space import ParameterSpace
+from profiles.chooser import TrainingTask, choose
 from protocol.messages import Update
 from protocol.perturb import padded_length
 
@@ -241,3 +244,30 @@ def test_personal_layers_stay_on_the_client_and_survive_a_restart(tmp_path: Path
     others = torch.ones_like(trained, dtype=torch.bool)
     others[personal] = False
     assert torch.allclose(space2.flat.detach()[others], shared_start[others], atol=1e-9)  # the rest is shared
+
+
+def test_adamw_moments_are_fitted_into_the_memory_or_the_round_runs_sgd() -> None:
+    """The chooser plans an SGD step (no optimizer state); a coordinator asking for AdamW
+    adds two float32 moments per trainable value. They are fitted by a smaller
+    micro-batch, and where even one row does not fit, the round runs SGD."""
+    from test_droppeft import SMOLLM2
+
+    task = TrainingTask(scope="full", batch_size=4, max_seq_len=96)
+    policy = [entry for entry in engine_policy() if entry.mode == "ferret"]
+    moments = optimizer_state_bytes(FerretSettings(optimizer="adamw"), SMOLLM2, task)
+    assert moments == 8 * SMOLLM2.param_count and optimizer_state_bytes(FerretSettings(), SMOLLM2, task) == 0
+    sgd_peak = first_order_memory(SMOLLM2, task, 4).total
+    roomy = choose(SMOLLM2, task, budget_bytes=sgd_peak + moments, headroom=0.0, policy=policy)
+    assert (roomy.mode, roomy.batch) == ("ferret", 4)
+    adamw = FerretSettings(optimizer="adamw", micro_batch=4)
+
+    def fit(settings: FerretSettings, usable: int) -> FerretSettings:
+        return FerretEngine.fit_settings(settings, shape=SMOLLM2, task=task,
+                                         choice=dataclasses.replace(roomy, usable_bytes=usable))
+
+    assert fit(adamw, sgd_peak + moments) == adamw
+    fewer_rows = fit(adamw, first_order_memory(SMOLLM2, task, 2).total + moments)
+    assert (fewer_rows.optimizer, fewer_rows.micro_batch) == ("adamw", 2)
+    fallback = fit(dataclasses.replace(adamw, local_lr=1e-4), sgd_peak)
+    assert (fallback.optimizer, fallback.local_lr) == ("sgd", None)  # SGD at its own (MeZO-scale) rate
+    assert fit(FerretSettings(micro_batch=4), sgd_peak) == FerretSettings(micro_batch=4)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from edge_client.data import Batch
 from edge_client.engines.base import SettingsError
-from edge_client.engines.ferret import FerretEngine, FerretSettings
+from edge_client.engines.ferret import FerretEngine, FerretSettings, optimizer_state_bytes
 from edge_client.layer_dropout import PROFILES, find_decoder_layers, layer_probabilities, sample_skipped, skip_layers
 from profiles.chooser import PolicyEntry, TrainingTask
 from profiles.estimator import Estimate, ModelShape, estimate, lora_param_count
@@ -104,6 +104,7 @@ class DropPEFTEngine(FerretEngine):
         if choice.estimate is None:
             return settings
         others = choice.estimate.total - dropout_memory(shape, task, choice.batch).total  # copies and the like
+        others += optimizer_state_bytes(settings, shape, task)  # AdamW's moments, if asked for
 
         def fits(ratio: float, batch: int) -> bool:
             return dropout_memory(shape, task, batch, ratio).total + others <= choice.usable_bytes

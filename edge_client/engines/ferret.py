@@ -35,6 +35,7 @@ large: the reconstruction error shrinks as ``1/√K`` (``bench/first_order.py``)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -63,7 +64,8 @@ from profiles.chooser import PolicyEntry, TrainingTask
 from profiles.estimator import Estimate, ModelShape, estimate, lora_param_count
 from protocol.perturb import project_rademacher
 
-__all__ = ["FerretSettings", "FerretEngine", "trainable_parameters", "first_order_memory", "projected_scalars"]
+__all__ = ["FerretSettings", "FerretEngine", "trainable_parameters", "first_order_memory", "optimizer_state_bytes",
+           "projected_scalars"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,15 @@ def first_order_memory(shape: ModelShape, task: TrainingTask, batch: int) -> Est
     return Estimate(step.mode, {**step.breakdown, "round_start_delta": trainable * 4})
 
 
+def optimizer_state_bytes(settings: FerretSettings, shape: ModelShape, task: TrainingTask) -> int:
+    """Memory the local optimizer keeps beyond SGD's (the policy's memory model counts
+    SGD, which holds no state): AdamW's two float32 moments per trainable value."""
+    if settings.optimizer != "adamw":
+        return 0
+    trainable = shape.param_count if task.scope == "full" else lora_param_count(shape, task.lora_rank)
+    return 2 * 4 * trainable
+
+
 def projected_scalars(delta: torch.Tensor, seeds: tuple[int, ...], learning_rate: float) -> list[float]:
     """The scalars that make the coordinator's rule (``a_k = −η · scalar_k``) rebuild
     ``delta`` without bias: ``scalar_k = −<Δ, z(s_k)> / (η K)`` (PROTOCOL.md §8.1).
@@ -187,6 +198,33 @@ class FerretEngine(Engine):
     probe_before = False
     policy = PolicyEntry("ferret", "first-order, projected onto the round's seeds", 10, "sgd",
                          memory=first_order_memory)
+
+    @classmethod
+    def fit_settings(cls, settings, *, shape, task, choice):  # type: ignore[no-untyped-def, override]
+        """The chooser planned an SGD step; a coordinator asking for AdamW adds its two
+        moments. Fit them by a smaller micro-batch first (the same examples and loss, only
+        slower); where even one row does not fit, run SGD, the nearest optimizer that does
+        (and say so): the round is still answered, on MeZO's scale (PROTOCOL.md §8.1.2)."""
+        extra = optimizer_state_bytes(settings, shape, task)
+        if not extra or choice.estimate is None:
+            return settings
+        others = choice.estimate.total - first_order_memory(shape, task, choice.batch).total
+
+        def fits(batch: int) -> bool:
+            return first_order_memory(shape, task, batch).total + others + extra <= choice.usable_bytes
+
+        batch = settings.micro_batch or task.batch_size
+        while batch > 1 and not fits(batch):
+            batch -= 1
+        if fits(batch):
+            if batch != (settings.micro_batch or task.batch_size):
+                logger.info("optimizer adamw (%.2f GiB of moments) fits this client's memory at micro-batch %d",
+                            extra / 2**30, batch)
+                return dataclasses.replace(settings, micro_batch=batch)
+            return settings
+        logger.warning("optimizer adamw needs %.2f GiB more for its moments than this client's memory holds even "
+                       "at micro-batch 1; running sgd", extra / 2**30)
+        return dataclasses.replace(settings, optimizer="sgd", local_lr=None)
 
     @classmethod
     def prepare(cls, model: torch.nn.Module, scope: ScopeConfig, *,
