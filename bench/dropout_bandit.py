@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_result  # noqa: E402
+from bench.first_order import federation as live_federation  # noqa: E402
 
 ARMS = (0.25, 0.5, 0.75)
 
@@ -50,26 +50,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def federation(label: str, ratios: tuple[float, ...], rounds: int) -> dict[str, Any]:
     """One live edgefed-local run of droppeft clients; per-round eval loss and commit times."""
-    from edge_client.local_federation import main as edgefed_local
-
-    extra = ["--mode", "droppeft", "--budgets", "4GiB,4GiB,8GiB", "--loss-only",
-             "--droppeft-ratios", ",".join(str(r) for r in ratios)]
-    with tempfile.TemporaryDirectory(prefix=f"edgefed-dropout-{label}-") as tmp:
-        run_dir = Path(tmp) / "run"
-        print(f"\n=== {label}: edgefed-local --rounds {rounds} {' '.join(extra)}", flush=True)
-        code = edgefed_local(["--rounds", str(rounds), *extra, "--run-dir", str(run_dir)])
-        if code != 0:
-            raise SystemExit(f"edgefed-local ({label}) failed with exit code {code}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        status = json.loads((run_dir / "status.json").read_text())
-    first_task = status.get("first_task_at")
-    committed = {entry["round"]: entry["committed_at"] for entry in status["rounds"]}
-    losses = {row["round"]: row["eval_loss"] for row in rows if row.get("eval_loss") is not None}
-    pulls = {client["client_id"]: client.get("adaptive") for client in status.get("clients", [])
-             if client.get("adaptive")}
-    return {"ratios": list(ratios), "summary": summary, "losses": losses, "committed_at": committed,
-            "first_task_at": first_task, "pulls": pulls}
+    run = live_federation(label, ["--mode", "droppeft", "--budgets", "4GiB,4GiB,8GiB", "--loss-only",
+                                  "--droppeft-ratios", ",".join(str(r) for r in ratios)], rounds)
+    status = run["status"]
+    return {"ratios": list(ratios), "summary": run["summary"],
+            "losses": {row["round"]: row["eval_loss"] for row in run["rows"] if row.get("eval_loss") is not None},
+            "committed_at": {entry["round"]: entry["committed_at"] for entry in status["rounds"]},
+            "first_task_at": status.get("first_task_at"),
+            "pulls": {client["client_id"]: client["adaptive"] for client in status.get("clients", [])
+                      if client.get("adaptive")}}
 
 
 def to_target(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
