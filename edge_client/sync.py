@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from edge_client.space import HostCopy, ParameterSpace
@@ -72,6 +72,7 @@ class ModelSync:
         self.snapshot_round = -1
         self.table: dict[int, float] = {}
         self.drifted = False  # local training moved the space off theta_round
+        self._progress: _ProgressCounter | None = None  # set during catch_up only
         self._mark_canonical()
 
     # -- queries -----------------------------------------------------------------
@@ -136,22 +137,30 @@ class ModelSync:
         self._mark_canonical()
 
     def catch_up(self, base_round: int, table: Iterable[tuple[int, float]],
-                 rounds: Sequence[RoundCoefficients], target_digest: str) -> None:
+                 rounds: Sequence[RoundCoefficients], target_digest: str,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         """Jump to ``base_round + len(rounds)`` from a sync response.
 
         ``table`` is the ledger's table as of ``base_round`` (a rebase round, or 0), and
         ``rounds`` the committed rounds after it. If anything does not check out, the
         replica is reset to the base weights (round 0, empty table) before SyncError is
-        raised, so no unverified state is ever reported or trained on.
+        raised, so no unverified state is ever reported or trained on. ``progress``, when
+        given, is called as ``progress(directions_applied, directions_total)`` as the
+        replay goes (a full-model replay can take minutes).
         """
+        table = list(table)
+        total = len(table) + sum(len(entry.coefficients) for entry in rounds)
+        self._progress = None if progress is None else _ProgressCounter(progress, total)
         try:
             self._catch_up(base_round, table, rounds, target_digest)
         except Exception:
+            self._progress = None
             self.table = {}
             self.round = 0
             self.base.restore(self.space)
             self._mark_canonical()
             raise
+        self._progress = None
 
     def _catch_up(self, base_round: int, table: Iterable[tuple[int, float]],
                   rounds: Sequence[RoundCoefficients], target_digest: str) -> None:
@@ -178,8 +187,11 @@ class ModelSync:
     # -- internals ---------------------------------------------------------------
 
     def _apply_pairs(self, pairs: Iterable[tuple[int, float]]) -> None:
+        progress = self._progress
         for seed, coefficient in pairs:
             self.space.apply(seed, coefficient)
+            if progress is not None:
+                progress.step()
 
     def _rebuild_from_table(self) -> None:
         self.base.restore(self.space)
@@ -218,3 +230,20 @@ class ModelSync:
         if self.snapshot is not None:
             self.snapshot.save(self.space)
             self.snapshot_round = self.round
+
+
+class _ProgressCounter:
+    """Counts applied directions for :meth:`ModelSync.catch_up`'s ``progress`` callback,
+    calling it about every 1% (and at the end), not per direction."""
+
+    def __init__(self, callback: Callable[[int, int], None], total: int) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+        self.every = max(1, total // 100)
+        callback(0, total)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.done % self.every == 0 or self.done == self.total:
+            self.callback(self.done, self.total)

@@ -229,6 +229,26 @@ def test_layer_probabilities_have_the_ratio_as_mean_and_stay_probabilities(ratio
         assert all(a < b for a, b in zip(probabilities, probabilities[1:]))  # deeper drops more
 
 
+@pytest.mark.parametrize("profile", ["uniform", "linear"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+def test_kept_end_layers_are_never_dropped_and_the_others_carry_the_ratio(ratio, profile):
+    probabilities = layer_probabilities(ratio, 30, profile, keep_first=2, keep_last=1)
+    assert probabilities[:2] == (0.0, 0.0) and probabilities[-1] == 0.0
+    assert all(p > 0 for p in probabilities[2:-1])
+    assert sum(probabilities) / 30 == pytest.approx(ratio, abs=1e-12)  # the same expected drops
+    for seed in range(50):
+        skipped = sample_skipped(probabilities, random.Random(seed))
+        assert not {0, 1, 29} & set(skipped)
+
+
+def test_a_ratio_the_middle_layers_cannot_carry_is_capped_and_ends_may_cover_everything():
+    capped = layer_probabilities(0.9, 10, keep_first=2, keep_last=2)
+    assert capped == (0.0, 0.0) + (0.95,) * 6 + (0.0, 0.0)  # 0.9 * 10 / 6 > 0.95
+    assert layer_probabilities(0.5, 3, keep_first=2, keep_last=1) == (0.0, 0.0, 0.0)
+    with pytest.raises(LayerDropoutError, match="keep_first"):
+        layer_probabilities(0.5, 4, keep_first=-1)
+
+
 def test_linear_profile_is_the_steepest_ramp():
     assert layer_probabilities(0.25, 2, "linear") == pytest.approx((0.125, 0.375))
     assert layer_probabilities(0.75, 2, "linear") == pytest.approx((0.625, 0.875))

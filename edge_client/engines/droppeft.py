@@ -50,10 +50,16 @@ class DropPEFTSettings(FerretSettings):
     Attributes:
         dropout_ratio: the mean probability that a layer is skipped on a step, in [0, 1).
         dropout_profile: "uniform" (every layer the ratio) or "linear" (rising with depth).
+        keep_first, keep_last: decoder layers at the start and the end never skipped; the
+            ratio's drops are spread over the layers between (see
+            :func:`edge_client.layer_dropout.layer_probabilities` for why: without them a
+            step's network is too broken for its gradient to help the full one).
     """
 
     dropout_ratio: float = PLANNED_RATIO
     dropout_profile: str = "uniform"
+    keep_first: int = 2
+    keep_last: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +67,10 @@ class DropPEFTSettings(FerretSettings):
             raise SettingsError(f"dropout_ratio must be in [0, 1), got {self.dropout_ratio}")
         if self.dropout_profile not in PROFILES:
             raise SettingsError(f"dropout_profile must be one of {', '.join(PROFILES)}, got {self.dropout_profile!r}")
+        for name in ("keep_first", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SettingsError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def kept_layers_bound(layers: int, ratio: float) -> int:
@@ -134,7 +144,8 @@ class DropPEFTEngine(FerretEngine):
 
     def _loss_backward(self, batch: Batch) -> float:
         settings: DropPEFTSettings = self.settings  # type: ignore[assignment]
-        probabilities = layer_probabilities(settings.dropout_ratio, self.num_layers, settings.dropout_profile)
+        probabilities = layer_probabilities(settings.dropout_ratio, self.num_layers, settings.dropout_profile,
+                                            keep_first=settings.keep_first, keep_last=settings.keep_last)
         generator = random.Random(f"droppeft:{self._round}:{self._step}")
         skipped = sample_skipped(probabilities, generator)
         self._step += 1
