@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", default="sign_flip", choices=["sign_flip", "constant", "noise"])
     parser.add_argument("--attack-scale", type=float, default=100.0)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>")
+    parser.add_argument("--no-export", action="store_true",
+                        help="do not export the final model into <run dir>/export (edgefed-export does it later)")
     parser.add_argument("--threads-per-client", type=int, default=1)
     return parser
 
@@ -411,8 +413,31 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(status, read_metrics(metrics_path), wall, run_dir, progress)
     summary.update(aggregation=args.aggregation, aggregation_clip=args.aggregation_clip, adversaries=args.adversaries,
                    attack=f"{args.attack} x{args.attack_scale:g}" if args.adversaries else None)
+    exported = None
+    if status.get("finished") and not args.no_export:
+        exported = export_final_model(run_dir, str(args.model), env)
+    summary["export"] = None if exported is None else str(exported)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if status.get("finished") and not args.no_export and exported is None:
+        return 1
     return 0 if status.get("finished") else 1
+
+
+def export_final_model(run_dir: Path, model_source: str, env: dict[str, str]) -> Path | None:
+    """Export the last round into ``run_dir/export`` with ``edgefed-export``, which prints
+    how to load it; None when it failed (its message is on stderr).
+
+    It runs as a child process, as a user would run it: the exporter is a tool above the
+    client and the coordinator's ledger, which the client package does not import."""
+    out = run_dir / "export"
+    print(f"exporting the final model to {out}")
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", str(run_dir / "ledger.db"), "--out", str(out),
+                             "--model", model_source, "--force"], env=env, check=False)
+    if result.returncode != 0:
+        print(f"edgefed-local: the export failed; the ledger is intact, retry with: "
+              f"edgefed-export {run_dir / 'ledger.db'} --model {model_source}", file=sys.stderr)
+        return None
+    return out
 
 
 # How often /status is polled: a round's fingerprints are visible there only until each

@@ -39,6 +39,14 @@ RULES = [
     # Nor do they import the client, except the profiler, which runs its engines (the
     # device table gets the engine registry's rows from edge_client/profiles_cli.py).
     ("profiles", {"edge_client"}, ("profiler.py",)),
+    # The exporter is a tool above the client and the coordinator's ledger; nothing the
+    # federation runs depends on it (edgefed-local runs it as a child process).
+    ("protocol", {"exporter"}, ()),
+    ("coordinator", {"exporter"}, ()),
+    ("edge_client", {"exporter"}, ()),
+    ("profiles", {"exporter"}, ()),
+    # The exporter reads the ledger file and writes float weights: no wire, no quantised kernels.
+    ("exporter", {"websockets", "bitsandbytes"}, ()),
 ]
 
 # Modules allowed one import of a name computed at run time, and why: the engine registry
