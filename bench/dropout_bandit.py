@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench._results import write_result  # noqa: E402
 from bench.first_order import federation as live_federation  # noqa: E402
 
-ARMS = (0.1, 0.25, 0.5)
+ARMS = (0.1, 0.25)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -5,7 +5,7 @@ try::
 
     [modes.droppeft]
     adapt = "dropout_ratio"
-    adapt_values = [0.1, 0.25, 0.5]
+    adapt_values = [0.1, 0.25]
 
 Each round, each client of that mode gets, in its ``round_task.settings``, the value its
 own bandit (:class:`coordinator.bandit.DropoutBandit`, discounted UCB) chooses; when its

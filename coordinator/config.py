@@ -31,7 +31,7 @@ Example (every key optional except where noted)::
 
     [modes.droppeft]
     adapt = "dropout_ratio"     # a setting the coordinator tunes per client with a bandit
-    adapt_values = [0.1, 0.25, 0.5]   # (coordinator/adaptive.py)
+    adapt_values = [0.1, 0.25]        # (coordinator/adaptive.py)
 
     [rounds]
     clients_per_round = 3

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ferret-steps", type=int, default=4, help="first-order steps per round of a ferret client")
     parser.add_argument("--ferret-optimizer", default="sgd", choices=["sgd", "adamw"],
                         help="sgd keeps ferret's scalars on MeZO's scale (PROTOCOL.md 8.1.2)")
-    parser.add_argument("--droppeft-ratios", type=_ratios, default=(0.1, 0.25, 0.5),
+    parser.add_argument("--droppeft-ratios", type=_ratios, default=(0.1, 0.25),
                         help="layer-dropout ratios a droppeft client may get, comma-separated: the "
                              "coordinator's bandit picks among several per client; one value is fixed")
     parser.add_argument("--value-encoding", default="q8", choices=["pairs", "f32", "q8"],

@@ -78,7 +78,7 @@ class PolicyEntry:
 
 POLICY: tuple[PolicyEntry, ...] = (
     PolicyEntry("ferret", "first-order, shared-randomness projection", 10, "sgd"),
-    PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout", {"drop_ratio": 0.5}),
+    PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout", {"drop_ratio": 0.25}),
     PolicyEntry("fedcybgd", "cyclic block updates", 30, "block", {"block_layers": 1}),
     PolicyEntry("mezo", "zeroth-order", 40, "mezo"),
     PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", 50, "emulator", {"base_bits": 4}),
