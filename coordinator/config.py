@@ -56,6 +56,7 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ from protocol import limits
 from protocol.messages import InvalidMessage, SettingsKind
 from protocol.values import ValueEncodingError, encoding_of
 
-__all__ = ["ConfigError", "FederationConfig", "default_quorum", "load_config"]
+__all__ = ["ConfigError", "FederationConfig", "config_from_document", "default_quorum", "load_config"]
 
 # Seed pairs in one sync_response: each costs at most 19 bytes on the wire (fixarray,
 # uint64, float64), so this keeps a sync under limits.MAX_FRAME_BYTES with room to spare.
@@ -392,10 +393,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _mode_tables(path: str | Path, content: Any) -> dict[str, dict[str, Any]]:
     """The ``[modes.<name>]`` tables, each a table of scalars."""
-    if not isinstance(content, dict):
+    if not isinstance(content, Mapping):
         raise ConfigError(f"{path}: [modes] must hold one table per mode, e.g. [modes.ferret]")
     for mode, table in content.items():
-        if not isinstance(table, dict):
+        if not isinstance(table, Mapping):
             raise ConfigError(f"{path}: modes.{mode} must be a table ([modes.{mode}])")
     return {mode: dict(table) for mode, table in content.items()}
 
@@ -406,7 +407,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     Raises:
         ConfigError: unreadable file, unknown table or key, wrong type, invalid value.
     """
-    values: dict[str, Any] = {}
+    document: dict[str, Any] = {}
     if path is not None:
         try:
             document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -414,17 +415,31 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        for table, content in document.items():
-            if table == "modes":
-                values["modes"] = _mode_tables(path, content)
-                continue
-            if table not in _TOML_KEYS or not isinstance(content, dict):
-                raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join([*_TOML_KEYS, 'modes'])}")
-            for key, value in content.items():
-                if key not in _TOML_KEYS[table]:
-                    raise ConfigError(f"{path}: unknown key {table}.{key}")
-                name = _TOML_KEYS[table][key]
-                values[name] = _coerce(name, value)
+    return config_from_document(document, overrides, source=str(path) if path is not None else "config")
+
+
+def config_from_document(document: Mapping[str, Any], overrides: dict[str, Any] | None = None, *,
+                         source: str = "config") -> FederationConfig:
+    """The config of a TOML document already parsed, or built by an app as the same nested
+    tables (``{"federation": {"rounds": 20}, "training": {...}, "modes": {...}}``), with
+    overrides (dataclass field names) applied.
+
+    Raises:
+        ConfigError: unknown table or key, wrong type, invalid value (``source`` names
+            where the document came from in the message).
+    """
+    values: dict[str, Any] = {}
+    for table, content in document.items():
+        if table == "modes":
+            values["modes"] = _mode_tables(source, content)
+            continue
+        if table not in _TOML_KEYS or not isinstance(content, Mapping):
+            raise ConfigError(f"{source}: unknown table [{table}]; known: {', '.join([*_TOML_KEYS, 'modes'])}")
+        for key, value in content.items():
+            if key not in _TOML_KEYS[table]:
+                raise ConfigError(f"{source}: unknown key {table}.{key}")
+            name = _TOML_KEYS[table][key]
+            values[name] = _coerce(name, value)
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value if name == "modes" else _coerce(name, value)

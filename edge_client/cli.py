@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
                               key_path=args.key, ca_file=args.ca_file)
         client = make_client(config, args) if make_client is not None else EdgeClient(config)
         client.prepare()
-        asyncio.run(client.run())
+        asyncio.run(client.run(handle_signals=True))
     except (ValueError, ModelLoadError, DataError, UnknownModeError, FatalClientError, IdentityError) as error:
         print(f"edgefed-client: {error}", file=sys.stderr)
         return 2

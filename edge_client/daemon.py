@@ -29,15 +29,16 @@ import signal
 import ssl
 import time
 import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from edge_client.data import BatchStream, Example, load_jsonl, resolve_prompt_format, tokenize
+from edge_client.data import BatchStream, DataError, Example, Record, load_jsonl, resolve_prompt_format, tokenize
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
 from edge_client.engines import (
     Engine,
@@ -47,6 +48,7 @@ from edge_client.engines import (
     engine_policy,
     get_engine,
 )
+from edge_client.events import ClientCallbacks, PlanEvent, RoundEndEvent, RoundStartEvent, StepEvent, SyncEvent
 from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
@@ -161,10 +163,29 @@ class ClientConfig:
 
 
 class EdgeClient:
-    """One client daemon. Call :meth:`prepare` (slow: loads the model) then :meth:`run`."""
+    """One client daemon. Call :meth:`prepare` (slow: loads the model) then :meth:`run`.
 
-    def __init__(self, config: ClientConfig) -> None:
+    Args:
+        config: the client's settings.
+        records: the training records, instead of ``config.data_path`` (an app's own data,
+            see :func:`edge_client.data.records_from`).
+        model, tokenizer: a float32 causal LM and its tokenizer the app already holds,
+            instead of loading ``config.model``. The client trains this object in place
+            (it wraps it with the federation's adapters); its base weights must hash to
+            the federation's ``model_hash``, checked when the coordinator announces it.
+        callbacks: the app's event callbacks (:mod:`edge_client.events`: which thread, in
+            which order).
+    """
+
+    def __init__(self, config: ClientConfig, *, records: Sequence[Record] | None = None, model: Any = None,
+                 tokenizer: Any = None, callbacks: ClientCallbacks | None = None) -> None:
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both a model and its tokenizer, or neither (then config.model is loaded)")
         self.config = config
+        self._given_records = list(records) if records is not None else None
+        self._given_model, self._given_tokenizer = model, tokenizer
+        self.callbacks = callbacks or ClientCallbacks()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.observer = config.mode == OBSERVER_MODE
         if not self.observer and config.mode != "auto":
             get_engine(config.mode)  # an unknown mode fails here, before anything loads
@@ -184,8 +205,9 @@ class EdgeClient:
         elif config.ca_file:
             raise ValueError("ca_file is for wss:// URLs; this one is plain ws://")
         self._challenge: Challenge | None = None  # of the current connection; updates are bound to it
-        # Called in a worker thread each time the model reaches a new ledger round
-        # (after its fingerprint is sent): the evaluator's hook.
+        # A blocking hook called in a worker thread each time the model reaches a new
+        # ledger round (after its fingerprint is sent), before the next message is read:
+        # the evaluator scores that round's model here. Apps use callbacks.on_sync.
         self.on_round: Callable[[int], None] | None = None
         self.stopping = False
         self.finished = False
@@ -201,11 +223,22 @@ class EdgeClient:
 
     # -- setup ------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Load the data and the base model, and hash the base weights."""
+    def prepare(self, records: Sequence[Record] | None = None) -> None:
+        """Load the data and the base model, and hash the base weights.
+
+        Args:
+            records: the training records (instead of those given to the constructor or
+                ``config.data_path``).
+        """
         config = self.config
+        if records is not None:
+            self._given_records = list(records)
         self._records = []
-        if not self.observer:
+        if not self.observer and self._given_records is not None:
+            if not self._given_records:
+                raise DataError("no training records were given")
+            self._records = self._given_records
+        elif not self.observer:
             if config.data_path is None:
                 raise ValueError("a training client needs a data file")
             records, problems = load_jsonl(config.data_path, instruction_field=config.instruction_field,
@@ -221,13 +254,17 @@ class EdgeClient:
         logger.info("%s", self.report.describe())
         self._sweep_stale_copies()
         started = time.perf_counter()
-        model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
-        self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
+        if self._given_model is not None:
+            self.model, self.tokenizer = _adopt_model(self._given_model, self._given_tokenizer, self.device)
+        else:
+            model_dir = resolve_model(config.model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
+            self.model, self.tokenizer = load_model(model_dir, device=str(self.device))
         self.shape = ModelShape.from_hf_config(self.model.config.to_dict(),
                                                num_parameters=self.model.num_parameters())
         self.prompt_format = resolve_prompt_format(config.prompt_format, self.tokenizer)
         self.model_hash = base_weights_hash(self.model)
-        logger.info("model %s loaded in %.1fs on %s (base hash %s)", config.model,
+        logger.info("model %s loaded in %.1fs on %s (base hash %s)",
+                    "(given by the app)" if self._given_model is not None else config.model,
                     time.perf_counter() - started, self.device, self.model_hash)
 
     def _setup_federation(self, federation: FederationInfo) -> None:
@@ -298,16 +335,31 @@ class EdgeClient:
 
     # -- running ----------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, *, handle_signals: bool = False) -> None:
         """Connect and serve rounds until the coordinator says goodbye or we are stopped.
+
+        Args:
+            handle_signals: stop on SIGINT/SIGTERM (the command line's choice; an app that
+                embeds the client keeps its own signal handling and calls :meth:`stop`).
 
         Raises:
             FatalClientError: the coordinator rejected this client.
         """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, self.stop)
+        self._loop = loop
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._serve()
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError):
+                        loop.remove_signal_handler(sig)
+
+    async def _serve(self) -> None:
         backoff = self.config.initial_backoff_s
         while not self.stopping and not self.finished:
             try:
@@ -346,11 +398,28 @@ class EdgeClient:
             backoff = min(backoff * 2, self.config.max_backoff_s)
 
     def stop(self) -> None:
+        """Stop: say goodbye, close the connection, end :meth:`run` (after the current
+        training step, if one is running). Safe to call from any thread."""
         logger.info("stopping")
         self.stopping = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            self._send_goodbye()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to close
+                loop.call_soon_threadsafe(self._send_goodbye)
+
+    def _send_goodbye(self) -> None:
         connection = getattr(self, "_connection", None)
         if connection is not None:
-            asyncio.get_running_loop().create_task(self._goodbye(connection))
+            task = asyncio.get_running_loop().create_task(self._goodbye(connection))
+            self._pending = task  # a reference, so the task is not collected before it runs
 
     async def _goodbye(self, connection: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -383,6 +452,13 @@ class EdgeClient:
             codec.check_version(challenge.protocol_version)
         except VersionMismatch as error:
             raise FatalClientError(f"the coordinator speaks another protocol: {error}") from None
+        if challenge.federation.model_hash != self.model_hash:
+            message = (f"this model is not the federation's base model: its weights hash to {self.model_hash[:16]}..., "
+                       f"the federation {challenge.federation.federation_id!r} trains "
+                       f"{challenge.federation.model_name!r} ({challenge.federation.model_hash[:16]}...)")
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(connection, Goodbye(reason=message[:limits.MAX_STRING_CHARS]))
+            raise FatalClientError(message)
         if not self.observer and self.choice is None:
             try:
                 self.choice = self.plan(challenge.federation)
@@ -392,6 +468,7 @@ class EdgeClient:
                 raise
             self.engine_cls = get_engine(self.choice.mode)
             logger.info("plan: %s", self.choice.explanation)
+            self.callbacks.emit("on_plan", PlanEvent(self.choice.mode, self.choice.batch, self.choice.explanation))
         sync = self.sync
         hello = Hello(
             protocol_version=limits.PROTOCOL_VERSION, client_id=self.config.client_id, device=self.profile,
@@ -418,7 +495,7 @@ class EdgeClient:
         if self.sync.round != reply.last_committed_round:
             await self._send(connection, SyncRequest(have_round=self.sync.round))
         else:
-            await self._report_fingerprint(connection)
+            await self._report_fingerprint(connection, "current")
         async for frame in connection:
             if not await self._handle(connection, _decode(frame)):
                 return
@@ -471,25 +548,39 @@ class EdgeClient:
         plan = RoundPlan(round=task.round, seeds=tuple(task.seeds), learning_rate=task.learning_rate,
                          epsilon=task.epsilon, batch_size=task.batch_size)
         sync.begin_local_training(task.base_round)
-        logger.info("round %d: training on %d seeds (%s)", task.round, len(task.seeds), self.engine_cls.name
-                    if self.engine_cls is not None else "-")
+        mode = self.engine_cls.name if self.engine_cls is not None else "-"
+        logger.info("round %d: training on %d seeds (%s)", task.round, len(task.seeds), mode)
+        self.callbacks.emit("on_round_start", RoundStartEvent(task.round, mode, len(task.seeds),
+                                                              _settings_dict(self.engine.settings)))
+        loop = asyncio.get_running_loop()
+        wants_steps = self.callbacks.on_step is not None
 
-        def progress(done: int, total: int, loss: float) -> None:
+        def progress(done: int, total: int, loss: float) -> None:  # in the training thread
             if self.stopping:
                 raise _Stop()
             logger.debug("round %d step %d/%d loss %.4f", task.round, done, total, loss)
+            if wants_steps:  # to the loop thread, in order, before the round's end
+                loop.call_soon_threadsafe(self.callbacks.emit, "on_step", StepEvent(task.round, done, total, loss))
+
+        def failed(why: str) -> None:
+            nan = float("nan")
+            self.callbacks.emit("on_round_end", RoundEndEvent(task.round, False, nan, nan, 0.0, 0, why))
 
         try:
             result = await asyncio.to_thread(self.engine.train_round, plan, self._batches, progress)
         except _Stop:
+            failed("stopped")
             return
         except Exception as error:  # out of memory, a non-finite loss, a bad batch: skip the round
             logger.error("round %d: local training failed (%s: %s); no update sent", task.round,
                          type(error).__name__, error)
             await asyncio.to_thread(sync.discard_local_training)
+            failed(f"{type(error).__name__}: {error}")
             return
         await self._send(connection, self._make_update(task, result, encoding))
         self.rounds_trained += 1
+        self.callbacks.emit("on_round_end", RoundEndEvent(task.round, True, result.loss_before, result.loss_after,
+                                                          result.seconds, len(result.pairs)))
         logger.info("round %d: sent %d scalars in %.1fs (loss %.4f -> %.4f)", task.round, len(result.pairs),
                     result.seconds, result.loss_before, result.loss_after)
 
@@ -531,7 +622,7 @@ class EdgeClient:
             logger.error("cannot apply round %d (%s); resyncing", commit.round, error)
             await self._request_full_sync(connection)
             return
-        await self._report_fingerprint(connection)
+        await self._report_fingerprint(connection, "commit")
         self.rounds_since_connect += 1
 
     async def _apply_sync(self, connection: ClientConnection, response: SyncResponse) -> None:
@@ -561,21 +652,23 @@ class EdgeClient:
             raise _Resync(f"full sync failed: {error}") from error
         logger.info("caught up to round %d (from base round %d, %d table entries, %d rounds) in %.1fs",
                     sync.round, response.base_round, len(response.table), len(rounds), time.perf_counter() - started)
-        await self._report_fingerprint(connection)
+        await self._report_fingerprint(connection, "catch_up")
 
     async def _request_full_sync(self, connection: ClientConnection) -> None:
         self._full_sync_pending = True
         await self._send(connection, SyncRequest(have_round=0))
 
-    async def _report_fingerprint(self, connection: ClientConnection) -> None:
+    async def _report_fingerprint(self, connection: ClientConnection, how: str) -> None:
         assert self.sync is not None
         fingerprint = await asyncio.to_thread(self.sync.space.fingerprint)
         await self._send(connection, Fingerprint(round=self.sync.round, fingerprint=fingerprint,
                                                  table_digest=self.sync.table_digest()))
         logger.info("round %d: fingerprint %s...", self.sync.round, fingerprint[:16])
-        if self.on_round is not None and self.sync.round != self._last_hooked_round:
+        if self.sync.round != self._last_hooked_round:
             self._last_hooked_round = self.sync.round
-            await asyncio.to_thread(self.on_round, self.sync.round)
+            self.callbacks.emit("on_sync", SyncEvent(self.sync.round, fingerprint, how))
+            if self.on_round is not None:
+                await asyncio.to_thread(self.on_round, self.sync.round)
 
 
 def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
@@ -633,3 +726,38 @@ def client_threads() -> None:
     threads = os.environ.get("EDGEFED_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def _settings_dict(settings: object) -> dict[str, Any]:
+    """A round's settings as a plain dict for :class:`RoundStartEvent`."""
+    try:
+        return asdict(settings)  # type: ignore[call-overload]
+    except TypeError:
+        return {}
+
+
+def _adopt_model(model: Any, tokenizer: Any, device: torch.device) -> tuple[Any, Any]:
+    """Check an app's model object and put it on the client's device.
+
+    The base-weights hash (PROTOCOL.md §6.6) is of float32 weights, and the client trains
+    and rebuilds in float32, so a half-precision model is refused here with what to do,
+    rather than rejected later by the coordinator with a hash nobody can explain.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ValueError(f"model must be a transformers causal LM (a torch.nn.Module with a config), "
+                         f"got {type(model).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("model is already wrapped by peft; pass the base model (the client adds the "
+                         "federation's adapters itself)")
+    dtypes = {parameter.dtype for parameter in model.parameters()}
+    if dtypes != {torch.float32}:
+        found = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+        raise ValueError(f"model must be float32 (its weights define the federation's base hash); it is {found}: "
+                         f"load it with dtype=torch.float32")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("tokenizer must have an eos token (it ends every training example)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.requires_grad_(False)  # the engine turns on what it trains
+    return model.to(device), tokenizer

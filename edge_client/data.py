@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -140,6 +140,74 @@ def load_jsonl(
             f"no usable records in {path_str!r}: each line must be a JSON object with string "
             f"fields {instruction_field!r} and {response_field!r} (non-empty response).{hint}"
         )
+    return records, problems
+
+
+def records_from(
+    items: Iterable[Any],
+    *,
+    instruction_field: str = "instruction",
+    response_field: str = "response",
+    on_error: Literal["skip", "raise"] = "skip",
+) -> tuple[list[Record], list[str]]:
+    """Instruction/response records from objects an app holds, checked as
+    :func:`load_jsonl` checks a file's lines.
+
+    ``items`` may be any iterable of mappings (a list of dicts, a ``datasets.Dataset``,
+    a generator) or of objects with the two fields as attributes, or a map-style
+    ``torch.utils.data.Dataset`` (``len`` and integer indexing, no ``__iter__``).
+
+    Returns:
+        ``(records, problems)``; each problem reads ``"record N: reason"`` (1-based), and
+        each record's ``line`` is its position.
+
+    Raises:
+        DataError: ``items`` is not iterable, ``on_error="raise"`` and a record is bad,
+            or no valid record remains.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+    if isinstance(items, (str, bytes, os.PathLike)):
+        raise DataError("records_from takes records; pass a file path to load_jsonl")
+    if not hasattr(items, "__iter__") and hasattr(items, "__len__") and hasattr(items, "__getitem__"):
+        sized: Any = items
+        items = (sized[index] for index in range(len(sized)))  # a map-style torch Dataset
+    try:
+        iterator = iter(items)
+    except TypeError:
+        raise DataError(f"data must be a file path or an iterable of records, got {type(items).__name__}") from None
+    records: list[Record] = []
+    problems: list[str] = []
+    for number, item in enumerate(iterator, start=1):
+        values: list[Any] = []
+        reason = ""
+        for field in (instruction_field, response_field):
+            if isinstance(item, Mapping):
+                present, value = field in item, item.get(field)
+            else:
+                present, value = hasattr(item, field), getattr(item, field, None)
+            if not present:
+                reason = f"missing field {field!r}"
+                break
+            if not isinstance(value, str):
+                reason = f"field {field!r} must be a string, got {type(value).__name__}"
+                break
+            values.append(value)
+        if not reason and not values[1].strip():
+            reason = f"empty response (field {response_field!r})"
+        if reason:
+            if on_error == "raise":
+                raise DataError(f"record {number}: {reason}")
+            problems.append(f"record {number}: {reason}")
+            continue
+        records.append(Record(instruction=values[0], response=values[1], line=number))
+    if problems:
+        logger.warning("skipped %d bad record(s) of %d: %s", len(problems), len(problems) + len(records),
+                       "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
+    if not records:
+        hint = f" Problems: {'; '.join(problems[:5])}" if problems else ""
+        raise DataError(f"no usable records: each must have string fields {instruction_field!r} and "
+                        f"{response_field!r} (non-empty response).{hint}")
     return records, problems
 
 

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                             generate=evaluator.wants_generation(round_number))
 
         client.on_round = on_round
-        asyncio.run(client.run())
+        asyncio.run(client.run(handle_signals=True))
         final = client.sync.round if client.sync is not None else None
         if client.finished and final is not None:
             last = evaluator.evaluated.get(final)

@@ -47,6 +47,13 @@ RULES = [
     ("profiles", {"exporter"}, ()),
     # The exporter reads the ledger file and writes float weights: no wire, no quantised kernels.
     ("exporter", {"websockets", "bitsandbytes"}, ()),
+    # edgefed is the public facade over all of them; nothing inside imports it.
+    ("protocol", {"edgefed"}, ()),
+    ("coordinator", {"edgefed"}, ()),
+    ("edge_client", {"edgefed"}, ()),
+    ("profiles", {"edgefed"}, ()),
+    ("exporter", {"edgefed"}, ()),
+    ("edgefed", {"bitsandbytes"}, ()),
 ]
 
 # Modules allowed one import of a name computed at run time, and why: the engine registry
