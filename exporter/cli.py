@@ -5,6 +5,7 @@ Examples::
     edgefed-export runs/20261205-101500/ledger.db                 # last round, every format
     edgefed-export ledger.db --round 4 --out model-r4 --gguf-dtype f32
     edgefed-export ledger.db --formats adapter                    # just the LoRA adapter
+    edgefed-export ws://coordinator:8765 --out model              # a running federation's latest round
 
 The model is rebuilt from the ledger and must match the fingerprint the clients reported
 for that round; otherwise nothing is written. Output appears whole or not at all.
@@ -23,6 +24,7 @@ from typing import NoReturn
 from edge_client.model import DEFAULT_MODEL
 from exporter.export import FORMATS, export_model
 from exporter.gguf_file import GGUF_DTYPES
+from exporter.online import is_coordinator_url
 from exporter.replay import ExportError, read_ledger
 
 __all__ = ["build_parser", "main", "how_to_load"]
@@ -34,7 +36,8 @@ _STAGES = {"replay": "replaying the ledger", "adapter": "writing the adapter", "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefed-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ledger", type=Path, help="the coordinator's ledger file (edgefed-local: <run dir>/ledger.db)")
+    parser.add_argument("ledger", help="the coordinator's ledger file (edgefed-local: <run dir>/ledger.db), or a "
+                                       "running coordinator's ws:// or wss:// URL (its latest round)")
     parser.add_argument("--out", type=Path, default=None,
                         help="export directory to create (default: export-round-<N> beside the ledger)")
     parser.add_argument("--round", type=int, default=None, dest="round_number",
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true",
                         help="export even when no client reported a fingerprint for the round")
     parser.add_argument("--cache-dir", default=None, help="model conversion cache (default: ~/.cache/edgefed)")
+    parser.add_argument("--key", default=None, help="with a URL: a client key the coordinator's allow-list admits")
+    parser.add_argument("--ca-file", default=None, help="with a wss:// URL: the federation's ca.pem")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -104,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     formats = None if args.formats is None else [part.strip() for part in args.formats.split(",") if part.strip()]
     try:
         out = args.out
+        if out is None and is_coordinator_url(args.ledger):
+            raise ExportError("with a coordinator URL, say where to write the export (--out)")
         if out is None:
             facts = read_ledger(args.ledger)
-            out = args.ledger.parent / f"export-round-{facts.last_round if args.round_number is None else args.round_number}"
+            out = Path(args.ledger).parent / \
+                f"export-round-{facts.last_round if args.round_number is None else args.round_number}"
         started = time.perf_counter()
         result = export_model(args.ledger, out, model_source=args.model, round_number=args.round_number,
                               formats=formats, gguf_dtype=args.gguf_dtype, cache_dir=args.cache_dir,
-                              replace=args.force, verify=not args.no_verify, progress=_ProgressPrinter(args.quiet))
+                              replace=args.force, verify=not args.no_verify, progress=_ProgressPrinter(args.quiet),
+                              key_path=args.key, ca_file=args.ca_file)
     except ExportError as error:
         print(f"edgefed-export: {error}", file=sys.stderr)
         return 2

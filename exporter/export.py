@@ -31,6 +31,7 @@ from typing import Any
 from edge_client.model import source_gguf
 from exporter.gguf_file import GGUF_DTYPES, write_gguf
 from exporter.output import OutputExists, atomic_directory
+from exporter.online import is_coordinator_url, rebuild_online
 from exporter.replay import ExportError, LedgerFacts, read_ledger, rebuild
 
 __all__ = ["FORMATS", "ExportResult", "default_formats", "export_model"]
@@ -77,10 +78,14 @@ def default_formats(facts: LedgerFacts, model_source: str) -> tuple[str, ...]:
     return tuple(formats)
 
 
-def _check_formats(formats: Sequence[str], facts: LedgerFacts, model_source: str) -> tuple[str, ...]:
+def _check_names(formats: Sequence[str]) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown export format(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+
+
+def _check_formats(formats: Sequence[str], facts: LedgerFacts, model_source: str) -> tuple[str, ...]:
+    _check_names(formats)
     if "adapter" in formats and facts.scope.kind != "lora":
         raise ExportError("an adapter exists only for a lora-scope federation; this one trains the full model "
                           "(export hf or gguf)")
@@ -91,15 +96,17 @@ def _check_formats(formats: Sequence[str], facts: LedgerFacts, model_source: str
     return tuple(f for f in FORMATS if f in formats)
 
 
-def export_model(ledger_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+def export_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                  model_source: str = "smollm2-135m", round_number: int | None = None,
                  formats: Sequence[str] | None = None, gguf_dtype: str = "f16",
                  cache_dir: str | os.PathLike[str] | None = None, replace: bool = False, verify: bool = True,
-                 progress: Progress | None = None) -> ExportResult:
+                 progress: Progress | None = None, key_path: str | None = None,
+                 ca_file: str | None = None) -> ExportResult:
     """Rebuild the model of a round from the ledger, check it, and write it out.
 
     Args:
-        ledger_path: the coordinator's ledger file.
+        source: the coordinator's ledger file, or a running coordinator's ``ws://`` /
+            ``wss://`` URL (its latest round, synced as an observer: :mod:`exporter.online`).
         out: the export directory to create.
         model_source: the federation's base model (builtin name, .gguf, HF directory).
         round_number: the round (default: the last committed).
@@ -110,6 +117,8 @@ def export_model(ledger_path: str | os.PathLike[str], out: str | os.PathLike[str
         verify: refuse unless the clients' reported fingerprint matches (see
             :func:`exporter.replay.check_fingerprint`).
         progress: ``progress(stage, done, total)``; stages "replay", "hf", "adapter", "gguf".
+        key_path, ca_file: for a coordinator URL: the observer's key (allow-list mode) and
+            the federation's CA (wss://).
 
     Raises:
         ExportError: anything the user can fix, in one message.
@@ -117,13 +126,23 @@ def export_model(ledger_path: str | os.PathLike[str], out: str | os.PathLike[str
     started = time.perf_counter()
     if gguf_dtype not in GGUF_DTYPES:
         raise ExportError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, got {gguf_dtype!r}")
-    facts = read_ledger(ledger_path)
-    chosen = default_formats(facts, model_source) if formats is None else _check_formats(formats, facts, model_source)
     target = Path(out)
     if target.exists() and not replace:  # before minutes of replay, not after
         raise ExportError(f"{target} already exists; choose another output or pass --force to replace it")
-    rebuilt = rebuild(ledger_path, model_source, round_number=round_number, cache_dir=cache_dir, verify=verify,
-                      progress=progress)
+    if is_coordinator_url(source):
+        if formats is not None:
+            _check_names(formats)
+        rebuilt = rebuild_online(str(source), model_source, round_number=round_number, cache_dir=cache_dir,
+                                 key_path=key_path, ca_file=ca_file, verify=verify, progress=progress)
+        facts = rebuilt.facts
+        chosen = (default_formats(facts, model_source) if formats is None
+                  else _check_formats(formats, facts, model_source))
+    else:
+        facts = read_ledger(source)
+        chosen = (default_formats(facts, model_source) if formats is None
+                  else _check_formats(formats, facts, model_source))
+        rebuilt = rebuild(source, model_source, round_number=round_number, cache_dir=cache_dir, verify=verify,
+                          progress=progress)
     lora = facts.scope.kind == "lora"
     files: dict[str, Path] = {}
     manifest: dict[str, Any] = {
@@ -137,7 +156,7 @@ def export_model(ledger_path: str | os.PathLike[str], out: str | os.PathLike[str
         "scope": facts.scope.kind if not lora else
         {"kind": "lora", "rank": facts.scope.lora_rank, "alpha": facts.scope.lora_alpha,
          "targets": list(facts.scope.lora_targets), "init_seed": facts.scope.lora_init_seed},
-        "ledger": str(Path(ledger_path).absolute()),
+        "source": facts.source,
         "edgefed_version": _version(),
         "exported_at": time.time(),
         "files": {},

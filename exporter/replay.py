@@ -38,9 +38,14 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class LedgerFacts:
-    """What a ledger file says about its federation (its identity meta and last round)."""
+    """What a ledger file (or a live coordinator) says about its federation: its identity
+    and last round.
 
-    path: Path
+    Attributes:
+        source: the ledger file's path, or the coordinator's URL.
+    """
+
+    source: str
     federation_id: str
     model_hash: str
     scope: ScopeConfig
@@ -127,7 +132,7 @@ def _facts(ledger: Ledger, path: Path) -> LedgerFacts:
         rebase_every = int(meta["rebase_every"] or "")
     except ValueError:
         raise ExportError(f"{path}: rebase_every {meta['rebase_every']!r} is not a number") from None
-    return LedgerFacts(path=path, federation_id=meta["federation_id"] or "", model_hash=meta["model_hash"] or "",
+    return LedgerFacts(source=str(path.absolute()), federation_id=meta["federation_id"] or "", model_hash=meta["model_hash"] or "",
                        scope=parse_scope(meta["scope"] or ""), perturbation=meta["perturbation"] or "",
                        rebase_every=rebase_every, last_round=ledger.last_round())
 
@@ -201,8 +206,8 @@ def check_fingerprint(rebuilt: Rebuilt) -> None:
     """
     if not rebuilt.reported:
         raise ExportError(f"no client reported a fingerprint for round {rebuilt.round}, so the rebuilt model cannot "
-                          f"be checked against theirs; export another round, or pass --no-verify to export it "
-                          f"unchecked")
+                          f"be checked against theirs; export another round (or, from a coordinator, wait for "
+                          f"its clients to report), or pass --no-verify to export it unchecked")
     counts = Counter(rebuilt.reported.values())
     most = max(counts.values())
     if counts.get(rebuilt.fingerprint, 0) != most:

@@ -284,3 +284,45 @@ def test_export_reads_the_ledger_without_changing_it(federation):
     facts = read_ledger(ledger)
     assert facts.last_round == ROUNDS and facts.scope.kind == "lora"
     assert ledger.read_bytes() == before
+
+
+def test_a_running_coordinators_latest_round_exports_over_the_wire_as_from_its_ledger(tmp_path):
+    """Without the ledger file: the exporter joins as an observer, syncs, and checks the
+    clients' fingerprints from /status; the result is the ledger file's export, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_client.model import base_weights_hash, load_model
+    from edgefed import Client, Coordinator
+
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    base, _ = load_model(model_dir)
+    tables = {"federation": {"id": "online", "rounds": 0, "ledger": str(tmp_path / "ledger.db")},
+              "model": {"name": "tiny", "hash": base_weights_hash(base)},
+              "training": {"scope": "lora", "seed_pool_size": 64, "batch_size": 2, "max_seq_len": 64,
+                           "learning_rate": 1e-3, "aggregation": "mean"},
+              "rounds": {"clients_per_round": 1, "quorum": 1, "min_clients": 1, "deadline_s": 60},
+              "modes": {"ferret": {"local_steps": 2, "seeds": 16}}}
+    records = [{"instruction": f"Add {i} and {i}.", "response": f"{2 * i}"} for i in range(40)]
+    with Coordinator(tables, port=0) as coordinator:
+        client: Client
+
+        def leave_after_round_2(event: Any) -> None:
+            if event.round == 2:
+                client.stop()
+
+        client = Client(coordinator.url or "", "trainer", records, model=str(model_dir), cache_dir=tmp_path / "c",
+                        on_sync=leave_after_round_2)
+        client.start()
+        assert client.wait(300) and client.round == 2
+        with pytest.raises(ExportError, match="serves its latest round \\(2\\) only"):
+            export_model(coordinator.url or "", tmp_path / "nope", model_source=str(model_dir), round_number=1)
+        online = export_model(coordinator.url or "", tmp_path / "online", model_source=str(model_dir),
+                              cache_dir=tmp_path / "c")
+    assert online.round == 2 and online.fingerprint_match
+    assert online.manifest["fingerprint_reports"] == {"trainer": online.fingerprint}  # not the exporter's own
+    offline = export_model(tmp_path / "ledger.db", tmp_path / "offline", model_source=str(model_dir), formats=["hf"])
+    assert offline.fingerprint == online.fingerprint
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "online" / "hf").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "offline" / "hf").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "online" / "adapter" / "adapter_model.safetensors").is_file()
