@@ -7,9 +7,10 @@ with stochastic layer dropout, PROTOCOL.md §8.1.3) in live ``edgefed-local``
 federations that differ only in the dropout ratios the coordinator may hand out:
 
 * ``bandit``: the coordinator's discounted-UCB bandit picks, per client and round, among
-  0.1, 0.25 and 0.5 (edgefed-local's default), rewarded by the client's training
-  progress per second (coordinator/adaptive.py);
-* ``fixed 0.1``, ``fixed 0.25``, ``fixed 0.5``: one ratio for every client and round.
+  0.1 and 0.25 (edgefed-local's default; 0.5 diverges on this model,
+  bench/layer_sensitivity.py), rewarded by the client's training progress per second
+  (coordinator/adaptive.py);
+* ``fixed 0.1``, ``fixed 0.25``: one ratio for every client and round.
 
 For each: the held-out eval loss after every round, the first round at or below the
 target loss (``--target``, default 1.0, declared before the run), and the training

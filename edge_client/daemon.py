@@ -369,6 +369,9 @@ class EdgeClient:
                                    ping_interval=20, ping_timeout=60, ssl=self._ssl,
                                    compression=None) as connection:
                     self._connection = connection
+                    if self.stopping:  # stop() came while connecting, before there was a connection to close
+                        await self._goodbye(connection)
+                        break
                     try:
                         await self._session(connection)
                         reason = "connection closed"
