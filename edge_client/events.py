@@ -5,7 +5,7 @@ Every callback runs on the client's event-loop thread (the thread running
 client.run()``, or the background thread ``edgefed.Client.start()`` made), one at a
 time and in the order the events happen:
 
-    on_plan                          once, when the federation's task is known
+    on_plan                          once, when the federation's task is known (not for an observer)
     on_sync                          the model reached a ledger round (first sync, each commit)
     on_round_start                   a round task accepted, training begins
     on_step ... on_step              each local step (from the training thread, handed over)

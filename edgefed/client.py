@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,6 +31,7 @@ from edge_client.data import records_from
 from edge_client.device import DEFAULT_HEADROOM, parse_bytes
 from edge_client.events import ClientCallbacks, PlanEvent, RoundEndEvent, RoundStartEvent, StepEvent, SyncEvent
 from edge_client.model import DEFAULT_MODEL
+from edgefed._background import BackgroundRunner
 
 __all__ = ["Client", "DataSource"]
 
@@ -106,8 +106,7 @@ class Client:
         self._daemon = EdgeClient(self.config, model=None if model_source is not None else model,
                                   tokenizer=tokenizer, callbacks=callbacks)
         self._prepared = False
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._runner = BackgroundRunner(f"edgefed-client-{client_id}", self.run)
 
     # -- state -------------------------------------------------------------------------
 
@@ -172,17 +171,7 @@ class Client:
     def start(self) -> None:
         """Run the client in a background thread (with its own event loop) and return at
         once; callbacks run on that thread. Errors are raised by :meth:`wait`."""
-        if self._thread is not None:
-            raise RuntimeError("this client was already started")
-        self._thread = threading.Thread(target=self._thread_main, name=f"edgefed-client-{self.config.client_id}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _thread_main(self) -> None:
-        try:
-            asyncio.run(self.run())
-        except BaseException as error:  # handed to wait(); a thread has nowhere else to raise
-            self._error = error
+        self._runner.start("client")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the client's thread to end (the federation ended, or :meth:`stop`).
@@ -193,25 +182,15 @@ class Client:
         Raises:
             whatever ended the client with an error (see :meth:`run`).
         """
-        if self._thread is None:
-            raise RuntimeError("start() the client first")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            return False
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return True
+        return self._runner.wait("client", timeout)
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Stop: say goodbye to the coordinator, close the connection, and (after
         :meth:`start`) join the client's thread; a training step in progress finishes
         first. Safe to call from any thread, and more than once."""
         self._daemon.stop()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("client %s did not stop within %ss", self.config.client_id, timeout)
+        if not self._runner.join(timeout):
+            logger.warning("client %s did not stop within %ss", self.config.client_id, timeout)
 
     def __enter__(self) -> Client:
         self.start()

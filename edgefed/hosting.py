@@ -12,6 +12,7 @@ overrides named like :class:`coordinator.config.FederationConfig`'s fields::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import threading
@@ -24,6 +25,7 @@ from coordinator.config import FederationConfig, config_from_document, load_conf
 from coordinator.ledger import Ledger
 from coordinator.server import Coordinator as _Server
 from coordinator.tls import server_ssl_context
+from edgefed._background import BackgroundRunner
 
 __all__ = ["Coordinator"]
 
@@ -52,9 +54,8 @@ class Coordinator:
             self.config = load_config(Path(config) if config is not None else None, overrides)
         self._server: _Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._listening = threading.Event()
-        self._error: BaseException | None = None
+        self._runner = BackgroundRunner("edgefed-coordinator", self.run, on_exit=self._listening.set)
 
     @property
     def port(self) -> int | None:
@@ -82,7 +83,7 @@ class Coordinator:
         if server.final_status is not None:
             return server.final_status
         loop = self._loop
-        if loop is None or loop.is_closed() or threading.current_thread() is self._thread:
+        if loop is None or loop.is_closed() or self._runner.is_current():
             return server.status()
         # Read on the server's own thread: its state changes there.
         status: dict[str, Any] = asyncio.run_coroutine_threadsafe(_call(server.status), loop).result(timeout=30)
@@ -109,25 +110,12 @@ class Coordinator:
         Raises:
             whatever stopped it from listening (a port in use, a bad ledger).
         """
-        if self._thread is not None:
-            raise RuntimeError("this coordinator was already started")
-        self._thread = threading.Thread(target=self._thread_main, name="edgefed-coordinator", daemon=True)
-        self._thread.start()
+        self._runner.start("coordinator")
         self._listening.wait(timeout)
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._thread.join()
-            raise error
-        if not self._listening.is_set():
+        if self.port is None:
+            self._runner.join(timeout)
+            self._runner.raise_error()
             raise TimeoutError(f"the coordinator did not start listening within {timeout}s")
-
-    def _thread_main(self) -> None:
-        try:
-            asyncio.run(self.run())
-        except BaseException as error:  # raised by start() or wait()
-            self._error = error
-        finally:
-            self._listening.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until it stops serving (the rounds are committed, or :meth:`stop`).
@@ -135,30 +123,19 @@ class Coordinator:
         Returns:
             True when it stopped, False on timeout.
         """
-        if self._thread is None:
-            raise RuntimeError("start() the coordinator first")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            return False
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return True
+        return self._runner.wait("coordinator", timeout)
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Stop serving (clients get a goodbye), close the ledger, join the thread. Safe
         from any thread, and more than once."""
         server, loop = self._server, self._loop
         if server is not None and loop is not None and not loop.is_closed():
-            if threading.current_thread() is self._thread:
+            if self._runner.is_current():
                 server.stop()
             else:
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                     loop.call_soon_threadsafe(server.stop)
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        self._runner.join(timeout)
 
     def __enter__(self) -> Coordinator:
         self.start()

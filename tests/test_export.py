@@ -206,11 +206,9 @@ def test_an_export_that_fails_midway_leaves_nothing(federation, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_killed_export_leaves_no_output_and_the_next_one_sweeps_its_remains(federation, tmp_path):
-    out = tmp_path / "out"
-    started = tmp_path / "writing-gguf"
-    # The export process stops forever inside the GGUF write (after the HF files are
-    # written into its partial directory), and is killed there with SIGKILL.
+def stuck_export(federation: dict[str, Any], out: Path, started: Path) -> subprocess.Popen[bytes]:
+    """An ``edgefed-export`` process that stops forever inside the GGUF write (after the
+    HF files and half a GGUF are in its partial directory); ``started`` appears then."""
     script = f"""
 import sys, time
 from pathlib import Path
@@ -227,20 +225,21 @@ sys.exit(main(sys.argv[1:]))
     process = subprocess.Popen(
         [sys.executable, "-c", script, str(federation["run_dir"] / "ledger.db"), "--out", str(out),
          "--model", str(federation["gguf"]), "--cache-dir", str(federation["cache"]), "--quiet"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not started.exists():
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not started.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-        if process.stderr:
-            process.stderr.close()
+            pytest.fail(f"the export never reached the GGUF write (exit code {process.returncode})")
+        time.sleep(0.1)
+    return process
+
+
+def test_a_killed_export_leaves_no_output_and_the_next_one_sweeps_its_remains(federation, tmp_path):
+    out = tmp_path / "out"
+    process = stuck_export(federation, out, tmp_path / "writing-gguf")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
     assert not out.exists()
     remains = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(remains) == 1 and (remains[0] / "hf").is_dir()  # the half-written export, hidden
@@ -252,28 +251,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_stops_an_export_and_removes_its_partial_output(federation, tmp_path):
-    out = tmp_path / "out"
-    started = tmp_path / "writing-gguf"
-    script = f"""
-import sys, time
-from pathlib import Path
-import exporter.export as export_module
-def stuck(path, *args, **kwargs):
-    Path({str(started)!r}).touch()
-    time.sleep(600)
-export_module.write_gguf = stuck
-from exporter.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(federation["run_dir"] / "ledger.db"), "--out", str(out),
-         "--model", str(federation["gguf"]), "--cache-dir", str(federation["cache"]), "--quiet"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not started.exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    process = stuck_export(federation, tmp_path / "out", tmp_path / "writing-gguf")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["writing-gguf"]
