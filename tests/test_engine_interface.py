@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Tiny, client_status, coordinator, make_tiny, until, write_data
+from harness import Tiny, client_status, coordinator, make_tiny, write_data
 
 from edge_client.daemon import ClientConfig, EdgeClient
+from edge_client.events import ClientCallbacks, RoundStartEvent
 from edge_client.engines import (
     Engine,
     EngineSettings,
@@ -101,16 +102,18 @@ def test_the_toy_engine_is_offered_picked_and_run_in_a_federation(tmp_path: Path
 
     async def body() -> None:
         async with coordinator(tmp_path, tiny, rounds=2) as server:
+            # Read /status while the client is connected: at its first round's start (the
+            # callback runs on this loop). Polling raced a federation that ends in a blink.
+            def at_round_start(event: RoundStartEvent) -> None:
+                seen.setdefault("status", client_status(server, "alpha"))
+
             client = EdgeClient(ClientConfig(
                 url=f"ws://127.0.0.1:{server.port}", client_id="alpha",
                 data_path=str(write_data(tmp_path / "alpha.jsonl", 20)), model=str(tiny.directory), device="cpu",
-                copies="memory", memory_budget_bytes=4 << 30, cache_dir=str(tmp_path / "cache")))
+                copies="memory", memory_budget_bytes=4 << 30, cache_dir=str(tmp_path / "cache")),
+                callbacks=ClientCallbacks(on_round_start=at_round_start))
             client.prepare()
-            running = asyncio.create_task(client.run())
-            await until(lambda: (client_status(server, "alpha") or {}).get("mode") is not None or running.done(),
-                        "alpha's hello")
-            seen["status"] = client_status(server, "alpha")
-            await asyncio.wait_for(running, 120)
+            await asyncio.wait_for(client.run(), 120)
             seen["final"] = server.status()
             seen["client"] = client
 
