@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", default="sign_flip", choices=["sign_flip", "constant", "noise"])
     parser.add_argument("--attack-scale", type=float, default=100.0)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<timestamp>")
+    parser.add_argument("--wall-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop after the first round committed this long after the first task was handed out "
+                             "(training time; model loading excluded), once every process holds it")
+    parser.add_argument("--no-evaluator", action="store_true",
+                        help="keep the held-out split in the run directory but run no evaluator during training "
+                             "(the clients get the CPU to themselves; evaluate the ledger's rounds afterwards)")
     parser.add_argument("--no-export", action="store_true",
                         help="do not export the final model into <run dir>/export (edgefed-export does it later)")
     parser.add_argument("--threads-per-client", type=int, default=1)
@@ -326,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"edgefed-local: --budgets: {error}", file=sys.stderr)
         return 2
+    if args.wall_budget is not None and args.wall_budget < 0:
+        print("edgefed-local: --wall-budget must be >= 0", file=sys.stderr)
+        return 2
     if not args.data.exists():
         print(f"edgefed-local: data file not found: {args.data}", file=sys.stderr)
         return 2
@@ -358,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[Process] = []
     evaluator: Process | None = None
     # Every process but the coordinator reports a fingerprint each round; its name is its client id.
+    evaluating = heldout is not None and not args.no_evaluator
     progress = RoundProgress([f"client-{index}" for index in range(len(data_paths))]
-                             + (["evaluator"] if heldout is not None else []))
+                             + (["evaluator"] if evaluating else []))
     status: dict[str, Any] | None = None
     try:
         print(f"[2/4] starting the coordinator (logs in {run_dir})")
@@ -370,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         port = int(port_file.read_text())
         url = f"ws://127.0.0.1:{port}"
-        if heldout is not None:
+        if evaluating:
             print(f"[3/4] evaluating the base model on {args.heldout} held-out records")
             evaluator = start("evaluator", [
                 sys.executable, "-m", "edge_client.evaluator", "--url", url, "--heldout", str(heldout),
@@ -397,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--memory-budget", str(budget), "--prompt-format", args.prompt_format, "--mode", args.mode,
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
-        status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json")
+        status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json",
+                        wall_budget_s=args.wall_budget)
         if evaluator is not None and status is not None:
             print("  final evaluation ...")
             wait_until(lambda: evaluator.popen.poll() is not None, 900)
@@ -410,17 +421,23 @@ def main(argv: list[str] | None = None) -> int:
     if status is None:
         print("edgefed-local: the federation did not finish; see the logs in", run_dir, file=sys.stderr)
         return 1
+    budget_round = status.get("stopped_at_budget")
+    if budget_round is not None:
+        (run_dir / "status.json").write_text(json.dumps(status, indent=2))
     summary = report(status, read_metrics(metrics_path), wall, run_dir, progress)
-    summary.update(aggregation=args.aggregation, aggregation_clip=args.aggregation_clip, adversaries=args.adversaries,
+    summary.update(wall_budget_s=args.wall_budget, stopped_at_budget=budget_round,
+                   first_task_at=status.get("first_task_at"),
+                   aggregation=args.aggregation, aggregation_clip=args.aggregation_clip, adversaries=args.adversaries,
                    attack=f"{args.attack} x{args.attack_scale:g}" if args.adversaries else None)
     exported = None
-    if status.get("finished") and not args.no_export:
+    done = bool(status.get("finished")) or budget_round is not None
+    if done and not args.no_export:
         exported = export_final_model(run_dir, str(args.model), env)
     summary["export"] = None if exported is None else str(exported)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if status.get("finished") and not args.no_export and exported is None:
+    if done and not args.no_export and exported is None:
         return 1
-    return 0 if status.get("finished") else 1
+    return 0 if done else 1
 
 
 def export_final_model(run_dir: Path, model_source: str, env: dict[str, str]) -> Path | None:
@@ -445,10 +462,22 @@ def export_final_model(run_dir: Path, model_source: str, env: dict[str, str]) ->
 POLL_INTERVAL_S = 0.25
 
 
+def budget_round(status: Mapping[str, Any], wall_budget_s: float) -> int | None:
+    """The first committed round whose commit came ``wall_budget_s`` or more after the
+    first task was handed out; None while there is none."""
+    first_task = status.get("first_task_at")
+    if first_task is None:
+        return None
+    return min((entry["round"] for entry in status["rounds"] if entry["committed_at"] - first_task >= wall_budget_s),
+               default=None)
+
+
 def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path, progress: RoundProgress,
-           final_status_path: Path) -> dict[str, Any] | None:
-    """Print progress until the coordinator exits; return its final status (the one it
-    wrote on exit, else the last one polled), or None if a process failed."""
+           final_status_path: Path, *, wall_budget_s: float | None = None) -> dict[str, Any] | None:
+    """Print progress until the coordinator exits, or until the round that used up
+    ``wall_budget_s`` is held by every process (its status then says
+    ``stopped_at_budget``); return the final status (the one the coordinator wrote on
+    exit, else the last one polled), or None if a process failed."""
     coordinator = processes[0]
     last_status: dict[str, Any] | None = None
     last_line = ""
@@ -473,6 +502,12 @@ def follow(processes: list[Process], port: int, rounds: int, metrics_path: Path,
                     clear, last_line = 0, ""
             if print_round_lines(progress, rounds, read_metrics(metrics_path), clear=clear):
                 last_line = ""
+            stop_round = None if wall_budget_s is None else budget_round(status, wall_budget_s)
+            if stop_round is not None and progress.settled(stop_round):
+                print_round_lines(progress, rounds, read_metrics(metrics_path), final=True,
+                                  clear=len(last_line) if interactive else 0)
+                print(f"  stopped after round {stop_round}: the wall budget of {wall_budget_s:g}s is used")
+                return {**status, "stopped_at_budget": stop_round}
             open_round = status.get("open_round")
             if open_round and interactive:
                 line = (f"  round {open_round['round']:>3}/{rounds}  "

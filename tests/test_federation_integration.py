@@ -515,3 +515,33 @@ def test_a_sign_flipping_client_is_trimmed_out_of_every_coefficient(tmp_path):
     # the attack was real: the poisoned scalars fall outside the honest range
     assert any(not min(pairs[s] for pairs in honest) <= poisoned[s] <= max(pairs[s] for pairs in honest)
                for s in coefficients)
+
+
+@pytest.mark.integration
+def test_edgefed_local_stops_at_its_wall_budget_without_an_evaluator(tmp_path):
+    """--wall-budget 0: the first committed round uses the budget, so the federation stops
+    once every client holds round 1 (of 50 asked for) and exits 0; --no-evaluator keeps
+    the held-out split but starts no evaluator, so only the trainers report fingerprints."""
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFED_PERTURB_BACKEND": "eager"}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_client.local_federation", "--model", str(model_dir), "--clients", "2",
+         "--rounds", "50", "--max-seq-len", "200", "--batch-size", "2", "--local-steps", "2", "--heldout", "8",
+         "--records-per-client", "16",
+         "--mode", "mezo", "--scope", "full", "--budgets", "4GiB", "--wall-budget", "0", "--no-evaluator",
+         "--no-export", "--run-dir", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "stopped after round 1: the wall budget of 0s is used" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_at_budget"] == 1 and summary["wall_budget_s"] == 0
+    assert summary["eval_loss_before"] is None  # no evaluator ran
+    status = json.loads((run_dir / "status.json").read_text())
+    assert not status["finished"] and status["round"] < 50
+    assert {c["mode"] for c in status["clients"]} == {"mezo"}  # no observer joined
+    assert (run_dir / "heldout.jsonl").read_text().count("\n") == 8
+    assert not (run_dir / "eval.jsonl").exists()
+    rounds, _, _ = ledger_rows(run_dir / "ledger.db")
+    assert rounds[0] == (1, 2) and len(rounds) < 50
