@@ -112,6 +112,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wall-budgets", default=None, help="seconds, comma-separated (default: 120,300,600)")
     parser.add_argument("--no-generate", action="store_true", help="loss only (no Rouge-L / exact match)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs' files in this directory")
+    parser.add_argument("--resummarise", type=Path, default=None,
+                        help="recompute the tables of a result file from its saved runs (no training)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
@@ -292,6 +294,9 @@ def tune(args: argparse.Namespace, work: Path, evaluator: Evaluator, validation:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.resummarise is not None:
+        resummarise(args.resummarise)
+        return
     if args.child is not None:
         spec = json.loads(args.child)
         result = run_child(spec)
@@ -385,15 +390,34 @@ def _spread(values: list[float]) -> list[float] | None:
     return [min(values), max(values)] if len(values) > 1 else None
 
 
-def loss_within(run: dict[str, Any], key: str, budget: float) -> float | None:
-    """The held-out loss of the run's last evaluated checkpoint within ``budget``; None when
-    only the start fits (not one round or checkpoint's worth)."""
-    inside = [p for p in run["points"][1:] if p[key] <= budget and p.get("eval_loss") is not None]
+def loss_within(run: dict[str, Any], key: str, budget: float, *, max_train_s: float | None = None) -> float | None:
+    """The held-out loss of the run's last evaluated checkpoint within ``budget`` (and within
+    ``max_train_s`` of training, when given); None when only the start fits (not one round
+    or checkpoint's worth)."""
+    inside = [p for p in run["points"][1:] if p[key] <= budget and p.get("eval_loss") is not None
+              and (max_train_s is None or p["train_s"] <= max_train_s)]
     return inside[-1]["eval_loss"] if inside else None
 
 
 def first_at_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
     return next((p for p in run["points"] if p.get("eval_loss") is not None and p["eval_loss"] <= target), None)
+
+
+def resummarise(path: Path) -> None:
+    """Recompute a result file's tables and figures from the runs it saved (no training)."""
+    document = json.loads(path.read_text())
+    details = document["details"]
+    settings = details["settings"]
+    report = summarise(details["runs"], details["base"], tuple(settings["wall_budgets_s"]),
+                       tuple(settings["byte_budgets"]))
+    report["result"]["replay_vs_table_bytes_n1000"] = details["catch_up"]["replay_vs_table_bytes_n1000"]
+    print("\n=== catch-up: a client returning after N rounds")
+    print_replay(details["catch_up"])
+    plot(details["runs"], ROOT / details["plot"])
+    details["tables"] = report["tables"]
+    details["resummarised_from"] = document["environment"]
+    write_result(document["benchmark"], report["result"], details)
+    print(json.dumps(report["result"]))
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -445,7 +469,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], base: dict[str, Any], wall_
         row = {}
         cells = []
         for budget in byte_budgets:
-            values = [v for run in seeds if (v := loss_within(run, "bytes_per_client", budget)) is not None]
+            values = [v for run in seeds
+                      if (v := loss_within(run, "bytes_per_client", budget, max_train_s=largest)) is not None]
             row[f"{budget:g}"] = {"median": _median(values), "spread": _spread(values), "n": len(values)}
             cells.append(_fmt(_median(values)))
         per_round = [(run["points"][-1]["bytes_per_client"] - run["points"][1]["bytes_per_client"])
