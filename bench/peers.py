@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._peers_common import CLIENTS, peer_split, write_jsonl  # noqa: E402
-from bench._results import RESULTS_DIR, write_result  # noqa: E402
+from bench._results import RESULTS_DIR, environment, write_result  # noqa: E402
 
 MODEL = "smollm2-135m"
 TARGET_FRACTION = 0.5
@@ -363,7 +363,7 @@ def main(argv: list[str]) -> None:
     report["result"]["replay_vs_table_bytes_n1000"] = replay["replay_vs_table_bytes_n1000"]
     print_replay(replay)
     plot_path = RESULTS_DIR / ("peers-quick.png" if args.quick else "peers.png")
-    plot(runs, plot_path)
+    plot(runs, plot_path, environment()["git"]["commit"])
     details = {"settings": {**settings, "seeds": args.seeds, "contenders": [c.name for c in args.chosen],
                             "target_fraction": TARGET_FRACTION, "generate": generate}, "base": base,
                "contenders": {c.name: {"kind": c.kind, "description": c.description, "grid": c.grid,
@@ -413,9 +413,10 @@ def resummarise(path: Path) -> None:
     report["result"]["replay_vs_table_bytes_n1000"] = details["catch_up"]["replay_vs_table_bytes_n1000"]
     print("\n=== catch-up: a client returning after N rounds")
     print_replay(details["catch_up"])
-    plot(details["runs"], ROOT / details["plot"])
+    measured = details.get("resummarised_from") or document["environment"]  # the training run's
+    plot(details["runs"], ROOT / details["plot"], measured["git"]["commit"])
     details["tables"] = report["tables"]
-    details["resummarised_from"] = document["environment"]
+    details["resummarised_from"] = measured
     write_result(document["benchmark"], report["result"], details)
     print(json.dumps(report["result"]))
 
@@ -527,9 +528,9 @@ def print_replay(replay: dict[str, Any]) -> None:
               f"{row['seconds']:>9.2f}  {row['how']}")
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot(runs: dict[str, list[dict[str, Any]]], path: Path, commit: str | None) -> None:
     """Held-out loss against training time and against bytes per client, every contender
-    on the same axes (seed 0's run)."""
+    on the same axes (seed 0's run); the PNG names the commit the runs were measured at."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -551,7 +552,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     by_time.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, metadata={
+        "Software": "bench/peers.py", "Source": f"git commit {commit}",
+        "Comment": f"measured at git commit {commit}; the figures are in {path.with_suffix('.json').name}"})
     plt.close(figure)
 
 
