@@ -554,7 +554,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, commit: str | None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, metadata={
         "Software": "bench/peers.py", "Source": f"git commit {commit}",
-        "Comment": f"measured at git commit {commit}; the figures are in {path.with_suffix('.json').name}"})
+        # JSON, as every result file records its commit: {"commit": ..., "result": ...}
+        "Comment": json.dumps({"commit": commit, "result": path.with_suffix(".json").name})})
     plt.close(figure)
 
 
