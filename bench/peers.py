@@ -172,7 +172,11 @@ def run_edgefed(contender: Contender, spec: dict[str, Any], split: Any) -> dict[
                "--learning-rate", str(spec["lr"]), "--pool-key", str(spec["seed"] + 1), "--run-dir", str(run_dir),
                *contender.args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:  # loading, the budget, the round that crosses it, and stopping: 15 minutes is ample
+        completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                   timeout=spec["budget_s"] + 900)
+    except subprocess.TimeoutExpired as error:
+        raise SystemExit(f"edgefed-local ({contender.name}) did not stop within {error.timeout:.0f} s") from None
     (Path(spec["out"]) / "edgefed-local.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
         raise SystemExit(f"edgefed-local ({contender.name}) failed ({completed.returncode}):\n"
