@@ -409,7 +409,11 @@ def first_at_target(run: dict[str, Any], target: float) -> dict[str, Any] | None
 
 def resummarise(path: Path) -> None:
     """Recompute a result file's tables and figures from the runs it saved (no training)."""
-    document = json.loads(path.read_text())
+    try:
+        document = json.loads(path.read_text())
+        document["details"]["runs"], document["details"]["catch_up"]  # noqa: B018 - what it needs
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"peers.py: --resummarise {path}: not a bench/peers.py result file ({error})") from None
     details = document["details"]
     settings = details["settings"]
     report = summarise(details["runs"], details["base"], tuple(settings["wall_budgets_s"]),
