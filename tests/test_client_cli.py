@@ -1,5 +1,7 @@
 """edgefed-client's command line: bad input gets a one-line error, not a traceback."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -7,14 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from edge_client import cli
 from edge_client.tiny import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_client(*args: str) -> subprocess.CompletedProcess:
+def run_client_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_client.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    """``edgefed-client ARGS`` in this process: the same ``main`` the entry point calls, without
+    paying a fresh interpreter's torch import for each of these cases (the first test runs
+    the real entry point). An escaping exception fails the test, as a traceback would."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return subprocess.CompletedProcess(["edgefed-client", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +41,8 @@ def tiny(tmp_path_factory):
 def test_a_bad_record_is_refused_with_its_line_when_asked(tmp_path, tiny):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"}\n')
-    result = run_client("--url", "ws://127.0.0.1:9", "--client-id", "c", "--data", str(data),
-                        "--model", str(tiny), "--on-bad-record", "raise")
+    result = run_client_process("--url", "ws://127.0.0.1:9", "--client-id", "c", "--data", str(data),
+                                "--model", str(tiny), "--on-bad-record", "raise")
     assert result.returncode == 2
     assert f"{data}:2" in result.stderr and "Traceback" not in result.stderr
 
