@@ -17,7 +17,10 @@ This module holds the first slice of that work, run once by whoever hosts a fede
   model's class, aligns its compressed part by distillation on public records (FedBiOT's
   server step) and writes it atomically as a safetensors directory plus
   ``emulator.json``;
-* :func:`load_emulator` loads it back, checking the manifest and the weights' hash;
+* :func:`load_emulator` loads it back, checking the manifest and the weights' hash,
+  either as stored (float32) or, for a client short of memory, with its frozen part
+  quantised by bitsandbytes (nf4 or int8, :mod:`edge_client.quantize`) and its adapter
+  layers, final norm and output head float32 and exactly as stored;
 * :func:`public_records` is the default public data: a slice of the shipped dataset
   that ``edgefed-local`` (with its defaults) neither hands to a client nor evaluates on.
 
@@ -39,7 +42,8 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from edge_client.data import (
     Batch,
@@ -62,6 +73,13 @@ from edge_client.data import (
 )
 from edge_client.layer_dropout import LayerDropoutError, find_decoder_layers
 from edge_client.model import ModelLoadError, base_weights_hash, load_model, resolve_model
+from edge_client.quantize import (
+    QUANTIZATIONS,
+    bnb_config,
+    prepare_quantized,
+    quantization_support,
+    quantized_linears,
+)
 from edge_client.splits import split_records
 
 __all__ = [
@@ -71,6 +89,7 @@ __all__ = [
     "EMULATOR_FORMAT",
     "MANIFEST_FILE",
     "PUBLIC_SPLIT",
+    "QUANTIZATIONS",
     "SHIPPED_DATA",
     "EmulatorError",
     "EmulatorLoadError",
@@ -80,7 +99,9 @@ __all__ = [
     "load_emulator",
     "plan_emulator",
     "public_records",
+    "quantization_support",
     "read_manifest",
+    "stored_weights_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -887,6 +908,7 @@ def load_emulator(
     expect_base_hash: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Loads an emulator written by :func:`build_emulator`, checking what it is.
 
@@ -898,17 +920,32 @@ def load_emulator(
     so a tampered or half-replaced weight file is refused. The hash is taken on the
     weights as stored, so it is only checked when ``dtype`` is float32 (the stored dtype).
 
+    With ``quantization`` (``"nf4"`` or ``"int8"``, see :mod:`edge_client.quantize`),
+    the Linear layers of the frozen part (every decoder layer below the adapter) are
+    quantised by bitsandbytes through transformers' ``BitsAndBytesConfig``, while the
+    adapter layers (the manifest's ``emulator_adapter_layers``) and the output head stay
+    ``nn.Linear`` in float32; embeddings and norms stay float32 as transformers leaves
+    them. Then, before the (quantising) load: :func:`quantization_support` must say
+    bitsandbytes runs that mode on ``device``, and the stored weights' hash
+    (:func:`stored_weights_hash`, read from the safetensors files without building the
+    float32 model) must equal ``emulator_hash``. After it: every frozen decoder layer
+    holds bitsandbytes layers, no adapter layer does, and every parameter left
+    unquantised (adapter, head, norms, embeddings) is exactly the stored float32 tensor.
+
     Args:
         path: The emulator directory.
         expect_base_hash: The full model's base-weights hash a federation uses.
-        dtype: Parameter dtype to load in.
+        dtype: Parameter dtype to load in; must be float32 with ``quantization`` (the
+            adapter trains in float32, and the quantised layers compute in it).
         device: Torch device to place the model on.
+        quantization: None (load as stored), ``"nf4"`` or ``"int8"``.
 
     Returns:
         ``(model, tokenizer, manifest)``; the model is frozen and in eval mode.
 
     Raises:
-        EmulatorLoadError: Any check fails; the message is one line naming the cause.
+        EmulatorLoadError: Any check fails, ``quantization`` is unknown, or bitsandbytes
+            cannot run it on ``device``; the message is one line naming the cause.
     """
     manifest = read_manifest(path)
     directory = Path(path).expanduser()
@@ -918,6 +955,9 @@ def load_emulator(
             f"{manifest['base_model_hash']}, but this federation's base model is "
             f"{expect_base_hash}; build an emulator of that model"
         )
+    if quantization is not None:
+        return _load_quantized(directory, manifest, quantization=quantization, dtype=dtype,
+                               device=device)
     try:
         model, tokenizer = load_model(directory, dtype=dtype, device=device)
     except ModelLoadError as e:
@@ -932,11 +972,260 @@ def load_emulator(
             f"manifest keeps {len(manifest['kept_layers'])}"
         )
     if dtype == torch.float32:
-        actual = base_weights_hash(model)
-        if actual != manifest["emulator_hash"]:
-            raise EmulatorLoadError(
-                f"the emulator's weights in {str(directory)!r} hash to {actual}, but its "
-                f"manifest says {manifest['emulator_hash']}: the weight files were changed "
-                f"after the build; rebuild it or restore the original files"
-            )
+        _check_emulator_hash(directory, manifest, base_weights_hash(model))
     return model, tokenizer, manifest
+
+
+def _check_emulator_hash(directory: Path, manifest: dict[str, Any], actual: str) -> None:
+    if actual != manifest["emulator_hash"]:
+        raise EmulatorLoadError(
+            f"the emulator's weights in {str(directory)!r} hash to {actual}, but its "
+            f"manifest says {manifest['emulator_hash']}: the weight files were changed "
+            f"after the build; rebuild it or restore the original files"
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _load_quantized(
+    directory: Path,
+    manifest: dict[str, Any],
+    *,
+    quantization: str,
+    dtype: torch.dtype,
+    device: str,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """:func:`load_emulator` with the frozen part quantised (its checks are described there)."""
+    if quantization not in QUANTIZATIONS:
+        raise EmulatorLoadError(
+            f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)} or none"
+        )
+    if dtype != torch.float32:
+        raise EmulatorLoadError(
+            f"a quantised emulator keeps its adapter in float32; load it with dtype "
+            f"torch.float32, not {dtype}"
+        )
+    supported, reason = quantization_support(quantization, device)
+    if not supported:
+        raise EmulatorLoadError(f"cannot load the emulator quantised to {quantization}: {reason}")
+
+    # The module paths to leave unquantised, and the parameter names to hash, come from
+    # a skeleton of the model on the meta device: no memory, no weights read.
+    skeleton = _meta_skeleton(directory)
+    try:
+        skeleton_layers = find_decoder_layers(skeleton)
+    except LayerDropoutError as e:
+        raise EmulatorLoadError(f"the emulator in {str(directory)!r} has no decoder layers: {e}") from e
+    layer_count = len(skeleton_layers.layers)
+    if layer_count != len(manifest["kept_layers"]):
+        raise EmulatorLoadError(
+            f"the emulator in {str(directory)!r} has {layer_count} decoder layers but its "
+            f"manifest keeps {len(manifest['kept_layers'])}"
+        )
+    adapter = _adapter_indices(directory, manifest, layer_count)
+    head_path = _module_path(skeleton, skeleton.get_output_embeddings())
+    skip = [f"{skeleton_layers.path}.{i}" for i in adapter]
+    if head_path is not None:
+        skip.append(head_path)
+    names = [name for name, _ in skeleton.named_parameters()]
+    del skeleton
+
+    # Refuse changed weight files before paying for the quantising load.
+    _check_emulator_hash(directory, manifest, stored_weights_hash(directory, names))
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            quantization_config=bnb_config(quantization, skip),
+            dtype=torch.float32,
+            device_map={"": device},
+            local_files_only=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers, accelerate and bitsandbytes raise all kinds
+        raise EmulatorLoadError(
+            f"cannot load the emulator in {str(directory)!r} quantised to {quantization}: "
+            f"{_one_line(e)}"
+        ) from e
+    prepare_quantized(model)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:  # as load_model does
+        if tokenizer.eos_token is None:
+            raise EmulatorLoadError(
+                f"the tokenizer in {str(directory)!r} has neither a pad nor an eos token; "
+                f"set pad_token in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+    _check_quantized_layout(directory, model, adapter, quantization)
+    return model, tokenizer, manifest
+
+
+def _meta_skeleton(directory: Path) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # unknown architecture, unreadable config
+        raise EmulatorLoadError(
+            f"cannot read the emulator's model config in {str(directory)!r}: {_one_line(e)}"
+        ) from e
+
+
+def _adapter_indices(directory: Path, manifest: dict[str, Any], layer_count: int) -> list[int]:
+    """The manifest's adapter layers, checked: the emulator's last ``len(adapter_layers)``."""
+    adapter = manifest["emulator_adapter_layers"]
+    expected = list(range(layer_count - len(manifest["adapter_layers"]), layer_count))
+    if adapter != expected or not adapter or len(adapter) >= layer_count:
+        raise EmulatorLoadError(
+            f"{str(directory / MANIFEST_FILE)!r}: emulator_adapter_layers {adapter!r} are not "
+            f"the last {len(manifest['adapter_layers'])} of its {layer_count} layers"
+        )
+    return adapter
+
+
+def _module_path(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def _check_quantized_layout(
+    directory: Path, model: PreTrainedModel, adapter: Sequence[int], quantization: str
+) -> None:
+    """Frozen layers quantised, adapter and head float32 and exactly as stored."""
+    layers = find_decoder_layers(model)
+    quantised_weights = set()
+    for path, _ in quantized_linears(model):
+        quantised_weights.add(f"{path}.weight")
+    prefix = layers.path + "."
+    for index in range(len(layers.layers)):
+        inside = [p for p in quantised_weights if p.startswith(f"{prefix}{index}.")]
+        if index in adapter and inside:
+            raise EmulatorLoadError(
+                f"adapter layer {index} of the emulator in {str(directory)!r} was quantised"
+            )
+        if index not in adapter and not inside:
+            raise EmulatorLoadError(
+                f"frozen layer {index} of the emulator in {str(directory)!r} holds no "
+                f"{quantization} layer after a quantised load"
+            )
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
+        raise EmulatorLoadError(
+            f"the output head of the emulator in {str(directory)!r} is "
+            f"{type(head).__name__} in {getattr(getattr(head, 'weight', None), 'dtype', None)}, "
+            f"not a float32 nn.Linear"
+        )
+    kept = [(name, param) for name, param in model.named_parameters()
+            if name not in quantised_weights]
+    with _StoredTensors(directory) as stored:
+        for name, param in kept:
+            tensor = stored.get(name)
+            if (param.dtype != torch.float32 or tensor.dtype != torch.float32
+                    or not torch.equal(param.detach().cpu(), tensor)):
+                raise EmulatorLoadError(
+                    f"{name} of the emulator in {str(directory)!r} is not the stored float32 "
+                    f"tensor after a quantised load"
+                )
+
+
+class _StoredTensors:
+    """Read access to an emulator directory's safetensors files (one, or sharded)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+        index = directory / "model.safetensors.index.json"
+        single = "model.safetensors"
+        if not index.is_file() and not (directory / single).is_file():
+            raise EmulatorLoadError(f"{str(directory)!r} holds no {single}")
+        self._file_of: dict[str, str]
+        try:
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self._file_of = {str(k): str(v) for k, v in weight_map.items()}
+            else:
+                with safe_open(directory / single, framework="pt") as f:
+                    self._file_of = {key: single for key in f.keys()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise EmulatorLoadError(
+                f"cannot read the emulator's weight files in {str(directory)!r}: {_one_line(e)}"
+            ) from e
+
+    def __enter__(self) -> _StoredTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _handle(self, name: str) -> Any:
+        file = self._file_of.get(name)
+        if file is None:
+            raise EmulatorLoadError(
+                f"the emulator's weight files in {str(self._directory)!r} have no tensor "
+                f"{name!r}: the weight files were changed after the build"
+            )
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._stack.enter_context(
+                    safe_open(self._directory / file, framework="pt"))
+            except (OSError, ValueError) as e:
+                raise EmulatorLoadError(
+                    f"cannot read {str(self._directory / file)!r}: {_one_line(e)}"
+                ) from e
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def chunks(self, name: str, max_bytes: int) -> tuple[torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]:
+        """A tensor's dtype, shape and its row-major content in chunks of whole rows."""
+        view = self._handle(name).get_slice(name)
+        shape = tuple(int(d) for d in view.get_shape())
+        if len(shape) == 0:
+            tensor = self.get(name)
+            return tensor.dtype, shape, [tensor]
+        first = view[0:1] if shape[0] else self.get(name)
+        row_bytes = max(1, first.numel() * first.element_size())
+        rows = max(1, max_bytes // row_bytes)
+        return first.dtype, shape, (view[start : start + rows] for start in range(0, shape[0], rows))
+
+
+_STORED_HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def stored_weights_hash(path: str | os.PathLike[str], names: Iterable[str]) -> str:
+    """:func:`~edge_client.model.base_weights_hash` of the stored tensors called ``names``.
+
+    Reads the emulator's safetensors files tensor by tensor, in chunks of at most 16 MiB,
+    and feeds the digest exactly what ``base_weights_hash`` feeds it for a model whose
+    ``named_parameters()`` are ``names`` with those values: so it equals the manifest's
+    ``emulator_hash`` for an untouched emulator when ``names`` are its model's parameter
+    names (transformers saves a parameter under its own name; a tied head is saved once,
+    under the name ``named_parameters`` lists it by), without building the float32 model.
+
+    Raises:
+        EmulatorLoadError: A weight file is missing or unreadable, or lacks one of ``names``.
+    """
+    # The per-tensor byte feeding is base_weights_hash's own helper, so the two cannot drift.
+    from edge_client.model import _hash_tensor_bytes
+
+    directory = Path(path).expanduser()
+    digest = hashlib.sha256()
+    with _StoredTensors(directory) as stored, torch.no_grad():
+        for name in sorted(names):
+            dtype, shape, chunks = stored.chunks(name, _STORED_HASH_CHUNK_BYTES)
+            dims = ",".join(str(d) for d in shape)
+            dtype_name = str(dtype).removeprefix("torch.")
+            digest.update(f"{name}\x00{dtype_name}\x00{dims}\x00".encode("utf-8"))
+            for chunk in chunks:
+                _hash_tensor_bytes(digest, chunk.contiguous())
+    return digest.hexdigest()
