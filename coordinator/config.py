@@ -12,6 +12,7 @@ Example (every key optional except where noted)::
 
     [training]
     scope = "full"              # or "lora"
+    # lora_layers = [28, 29]    # lora only: adapters on these decoder layers (default: all)
     seed_pool_size = 1024       # K seeds in the pool (1..65536)
     rebase_every = 8
     learning_rate = 1e-6
@@ -91,6 +92,10 @@ class FederationConfig:
         model_hash: SHA-256 of the base weights (edge_client.model.base_weights_hash).
         scope: "full" or "lora".
         lora_rank, lora_alpha, lora_targets, lora_init_seed: the LoRA scope.
+        lora_layers: the decoder layers (full-model indices, ascending) whose targets get
+            adapters; () (the default): every layer. A FedBiOT federation sets the
+            emulator's adapter layers here, so emulator and full-model clients train one
+            space (PROTOCOL.md §5.1).
         seed_pool_size: K seeds in the pool (1..65536); the seed table, and so catch-up,
             never holds more than K entries.
         pool_key: the key the seed pool is derived from (PROTOCOL.md §6.11); None draws a
@@ -148,6 +153,7 @@ class FederationConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_init_seed: int = 0
+    lora_layers: tuple[int, ...] = ()
     seed_pool_size: int = 1024
     pool_key: int | None = None
     rebase_every: int = 8
@@ -214,6 +220,15 @@ class FederationConfig:
                 raise bad("lora_targets", f"must name 1 to {limits.MAX_LORA_TARGETS} modules")
             if not 0 <= self.lora_init_seed <= limits.MAX_SEED:
                 raise bad("lora_init_seed", "must be in [0, 2**63)")
+        if self.lora_layers:
+            if self.scope != "lora":
+                raise bad("lora_layers", "restricts the lora scope; leave it out for scope 'full'")
+            layers = list(self.lora_layers)
+            if (len(layers) > limits.MAX_LORA_LAYERS or layers != sorted(set(layers))
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= limits.MAX_LAYER_INDEX
+                               for i in layers)):
+                raise bad("lora_layers", f"must be distinct ascending layer indices in [0, {limits.MAX_LAYER_INDEX}], "
+                          f"at most {limits.MAX_LORA_LAYERS}")
         if not 1 <= self.local_steps <= limits.MAX_SEEDS_PER_ROUND:
             raise bad("local_steps", f"must be between 1 and {limits.MAX_SEEDS_PER_ROUND}")
         if self.seed_pool_size and self.local_steps > self.seed_pool_size:
@@ -318,6 +333,7 @@ class FederationConfig:
             "federation_id": self.federation_id,
             "model_hash": self.model_hash,
             "scope": f"{self.scope}:{self.lora_rank}:{self.lora_alpha}:{','.join(self.lora_targets)}:{self.lora_init_seed}"
+            + (f":layers={','.join(map(str, self.lora_layers))}" if self.lora_layers else "")
             if self.scope == "lora" else "full",
             "perturbation": self.perturbation,
             "rebase_every": str(self.rebase_every),
@@ -351,7 +367,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     "model": {"name": "model_name", "hash": "model_hash"},
     "training": {
         "scope": "scope", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
-        "lora_targets": "lora_targets", "lora_init_seed": "lora_init_seed",
+        "lora_targets": "lora_targets", "lora_init_seed": "lora_init_seed", "lora_layers": "lora_layers",
         "seed_pool_size": "seed_pool_size", "pool_key": "pool_key", "rebase_every": "rebase_every",
         "perturbation": "perturbation", "aggregation": "aggregation", "aggregation_trim": "aggregation_trim",
         "aggregation_clip": "aggregation_clip", "aggregation_max_examples": "aggregation_max_examples",
@@ -387,6 +403,11 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "lora_targets":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of module names, got {value!r}")
+        return tuple(value)
+    if name == "lora_layers":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+            raise ConfigError(f"{name}: expected a list of decoder layer indices, got {value!r}")
         return tuple(value)
     return value
 

@@ -193,6 +193,7 @@ class Coordinator:
                 lora_alpha=config.lora_alpha,
                 lora_targets=tuple(config.lora_targets) if config.scope == "lora" else (),
                 lora_init_seed=config.lora_init_seed,
+                lora_layers=tuple(config.lora_layers) if config.scope == "lora" else (),
             ),
             seed_pool_size=config.seed_pool_size,
             rebase_every=config.rebase_every,

@@ -42,6 +42,7 @@ from edge_client.data import BatchStream, DataError, Example, Record, load_jsonl
 from edge_client.device import DEFAULT_HEADROOM, DeviceReport, detect_device
 from edge_client.engines import (
     Engine,
+    EngineRefused,
     EngineSettings,
     LocalUpdate,
     RoundPlan,
@@ -126,6 +127,12 @@ class ClientConfig:
             and updates are signed with it. None: unsigned (open-mode coordinators only).
         ca_file: the federation's CA certificate (``ca.pem`` from ``edgefed-keys
             tls-init``) to verify a wss:// coordinator; None: the system's CAs.
+        emulator: a FedBiOT emulator directory (``edgefed-emulator build``): the client
+            loads it instead of the full model and trains the federation's adapter
+            through it, in a mode that needs one (``fedbiot``); its manifest's base hash
+            stands for the full model's. None: the full model (``model``).
+        emulator_quantization: how the emulator's frozen part is held: "auto" (nf4 where
+            bitsandbytes runs it, else int8), "nf4", "int8" or "none" (float32).
     """
 
     url: str
@@ -146,6 +153,8 @@ class ClientConfig:
     on_bad_record: str = "skip"
     key_path: str | None = None
     ca_file: str | None = None
+    emulator: str | None = None
+    emulator_quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
@@ -188,7 +197,14 @@ class EdgeClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.observer = config.mode == OBSERVER_MODE
         if not self.observer and config.mode != "auto":
-            get_engine(config.mode)  # an unknown mode fails here, before anything loads
+            forced = get_engine(config.mode)  # an unknown mode fails here, before anything loads
+            if forced.needs_emulator != (config.emulator is not None):
+                raise ValueError(f"mode {config.mode} trains through an emulator: give the client one" if
+                                 forced.needs_emulator else
+                                 f"a client holding an emulator trains through it; mode {config.mode} needs the "
+                                 f"full model")
+        if self.observer and config.emulator is not None:
+            raise ValueError("an observer follows the full model; it takes no emulator")
         # The engine class is chosen once the federation's task is known (the challenge).
         self.engine_cls: type[Engine] | None = None
         self.choice: Choice | None = None
@@ -254,6 +270,10 @@ class EdgeClient:
         logger.info("%s", self.report.describe())
         self._sweep_stale_copies()
         started = time.perf_counter()
+        self.emulator_manifest: dict[str, Any] | None = None
+        if config.emulator is not None:
+            self._load_emulator(config.emulator, started)
+            return
         if self._given_model is not None:
             self.model, self.tokenizer = _adopt_model(self._given_model, self._given_tokenizer, self.device)
         else:
@@ -267,6 +287,28 @@ class EdgeClient:
                     "(given by the app)" if self._given_model is not None else config.model,
                     time.perf_counter() - started, self.device, self.model_hash)
 
+    def _load_emulator(self, path: str, started: float) -> None:
+        """Load the FedBiOT emulator in place of the full model (quantised as the
+        client's setting and bitsandbytes allow); its manifest's base hash stands for the
+        full model's, and the memory model sees the full model's shape.
+
+        Raises:
+            EngineRefused: bitsandbytes cannot run the quantisation here, or the emulator
+                directory is refused (one line each).
+        """
+        from edge_client.engines.fedbiot import emulator_shape_config, load_client_emulator, resolve_quantization
+
+        quantization, why = resolve_quantization(self.config.emulator_quantization, str(self.device))
+        self.model, self.tokenizer, manifest = load_client_emulator(path, quantization=quantization,
+                                                                    device=str(self.device))
+        self.emulator_manifest = manifest
+        self.shape = ModelShape.from_hf_config(emulator_shape_config(self.model.config.to_dict(), manifest))
+        self.prompt_format = resolve_prompt_format(self.config.prompt_format, self.tokenizer)
+        self.model_hash = manifest["base_model_hash"]
+        logger.info("emulator %s (%s; keeps layers %s of %d, adapter %s) loaded in %.1fs on %s; %s", path,
+                    manifest["emulator_hash"][:16], manifest["kept_layers"], manifest["num_layers_full"],
+                    manifest["adapter_layers"], time.perf_counter() - started, self.device, why)
+
     def _setup_federation(self, federation: FederationInfo) -> None:
         if self.federation is not None:
             if federation != self.federation:
@@ -275,12 +317,16 @@ class EdgeClient:
         scope = ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
                             lora_alpha=federation.scope.lora_alpha,
                             lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
-                            lora_init_seed=federation.scope.lora_init_seed)
+                            lora_init_seed=federation.scope.lora_init_seed,
+                            lora_layers=tuple(federation.scope.lora_layers))
         # The engine prepares the model it trains (gradients, adapters, dropped layers)
         # around the federation's space; an observer only needs the space.
         if self.engine_cls is not None:
-            self.model, space = self.engine_cls.prepare(self.model, scope,
-                                                        distribution=federation.perturbation)  # type: ignore[arg-type]
+            try:
+                self.model, space = self.engine_cls.prepare(self.model, scope,
+                                                            distribution=federation.perturbation)  # type: ignore[arg-type]
+            except EngineRefused as error:
+                raise FatalClientError(str(error)) from None
         else:
             self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
         where = copies_location(self.config.copies, self.report.kind, scope.kind)
@@ -329,7 +375,8 @@ class EdgeClient:
         self.federation_task = task
         try:
             return plan_training(self.shape, task, self.report, copies=self.config.copies,
-                                 rebase_every=federation.rebase_every, mode=self.config.mode)
+                                 rebase_every=federation.rebase_every, mode=self.config.mode,
+                                 emulator=self.config.emulator is not None)
         except (NoModeFits, ModeUnavailable) as error:
             raise FatalClientError(str(error)) from None
 
@@ -456,9 +503,15 @@ class EdgeClient:
         except VersionMismatch as error:
             raise FatalClientError(f"the coordinator speaks another protocol: {error}") from None
         if challenge.federation.model_hash != self.model_hash:
-            message = (f"this model is not the federation's base model: its weights hash to {self.model_hash[:16]}..., "
-                       f"the federation {challenge.federation.federation_id!r} trains "
-                       f"{challenge.federation.model_name!r} ({challenge.federation.model_hash[:16]}...)")
+            if self.config.emulator is not None:
+                message = (f"the emulator in {self.config.emulator!r} was built from base model "
+                           f"{self.model_hash[:16]}..., but the federation {challenge.federation.federation_id!r} "
+                           f"trains {challenge.federation.model_name!r} ({challenge.federation.model_hash[:16]}...): "
+                           f"build an emulator of that model")
+            else:
+                message = (f"this model is not the federation's base model: its weights hash to "
+                           f"{self.model_hash[:16]}..., the federation {challenge.federation.federation_id!r} trains "
+                           f"{challenge.federation.model_name!r} ({challenge.federation.model_hash[:16]}...)")
             with contextlib.suppress(ConnectionClosed):
                 await self._send(connection, Goodbye(reason=message[:limits.MAX_STRING_CHARS]))
             raise FatalClientError(message)
@@ -544,6 +597,11 @@ class EdgeClient:
             encoding = encoding_of(settings)  # a wire setting, not the mode's
             settings.pop(ENCODING_SETTING, None)
             self.engine.update_settings(self._settings_for(settings))
+        except EngineRefused as error:  # e.g. another emulator than the federation's: retrying cannot help
+            logger.error("round %d: %s", task.round, error)
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(connection, Goodbye(reason=str(error)[:limits.MAX_STRING_CHARS]))
+            raise FatalClientError(str(error)) from None
         except Exception as error:  # SettingsError, or a mode's fit_settings that cannot fit them
             logger.error("round %d: the coordinator's settings for mode %s are unusable (%s); no update sent",
                          task.round, self.engine_cls.name if self.engine_cls else "-", error)
@@ -687,7 +745,7 @@ def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
 
 
 def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,
-                  rebase_every: int, mode: str) -> Choice:
+                  rebase_every: int, mode: str, emulator: bool = False) -> Choice:
     """The mode and micro-batch this client runs for ``task`` on the device of ``report``.
 
     The one decision behind both the daemon and ``edgefed-client --plan``, so the plan
@@ -703,6 +761,8 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         copies: the copies setting ("auto", "memory" or "file", see :func:`copies_location`).
         rebase_every: the federation's rebase interval.
         mode: "auto" or a mode to force.
+        emulator: the client holds a FedBiOT emulator instead of the full model: only the
+            modes that train through one are offered (and only to it).
 
     Raises:
         NoModeFits: nothing fits, or the forced mode does not.
@@ -714,8 +774,9 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         copy_count = 1 + (rebase_every > 1)
         extra["round_copies"] = copy_count * trainable * 4  # float32
     forced = None if mode == "auto" else mode
+    policy = [entry for entry in engine_policy() if get_engine(entry.mode).needs_emulator == emulator]
     return choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
-                  policy=engine_policy(), forced=forced, budget_source=report.budget_source, extra=extra)
+                  policy=policy, forced=forced, budget_source=report.budget_source, extra=extra)
 
 
 def _decode(frame: str | bytes) -> Message:

@@ -121,7 +121,8 @@ def rebuild_online(url: str, model_source: str, *, round_number: int | None = No
         scope=ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
                           lora_alpha=federation.scope.lora_alpha,
                           lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
-                          lora_init_seed=federation.scope.lora_init_seed),
+                          lora_init_seed=federation.scope.lora_init_seed,
+                          lora_layers=tuple(federation.scope.lora_layers)),
         perturbation=federation.perturbation, rebase_every=federation.rebase_every, last_round=event.round)
     rebuilt = Rebuilt(model=client.model, tokenizer=client.tokenizer, space=client.sync.space, facts=facts,
                       round=event.round, fingerprint=event.fingerprint, reported=reports,

@@ -86,15 +86,22 @@ class Rebuilt:
 
 def parse_scope(text: str) -> ScopeConfig:
     """The ledger's ``scope`` meta (``coordinator/config.py``'s ``identity()``): ``full``
-    or ``lora:<rank>:<alpha>:<target,...>:<init_seed>``."""
+    or ``lora:<rank>:<alpha>:<target,...>:<init_seed>[:layers=<i,...>]``."""
     if text == "full":
         return ScopeConfig(kind="full")
     parts = text.split(":")
+    layers: tuple[int, ...] = ()
+    if len(parts) == 6 and parts[5].startswith("layers="):
+        try:
+            layers = tuple(int(i) for i in parts.pop()[len("layers="):].split(","))
+        except ValueError:
+            raise ExportError(f"the ledger's scope {text!r} is malformed: bad layer list") from None
     if len(parts) != 5 or parts[0] != "lora":
         raise ExportError(f"the ledger's scope {text!r} is not one this version of edgefed knows")
     try:
         return ScopeConfig(kind="lora", lora_rank=int(parts[1]), lora_alpha=float(parts[2]),
-                           lora_targets=tuple(parts[3].split(",")), lora_init_seed=int(parts[4]))
+                           lora_targets=tuple(parts[3].split(",")), lora_init_seed=int(parts[4]),
+                           lora_layers=layers)
     except ValueError as error:
         raise ExportError(f"the ledger's scope {text!r} is malformed: {error}") from None
 

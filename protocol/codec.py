@@ -58,6 +58,7 @@ from protocol.messages import (
     RecordKind,
     SettingsKind,
     field_kinds,
+    omitted_defaults,
     wire_type_name,
 )
 
@@ -116,9 +117,11 @@ def encode(msg: Message, *, max_size: int | None = MAX_FRAME_BYTES) -> bytes:
 
 def _record_to_wire(record: Any) -> dict[str, Any]:
     """The fields of a record as a map, nested records as maps themselves."""
+    defaults = omitted_defaults(type(record))
     return {
         name: _value_to_wire(kind, getattr(record, name))
         for name, kind in field_kinds(type(record))
+        if not (name in defaults and getattr(record, name) == defaults[name])
     }
 
 
@@ -235,12 +238,18 @@ def _record_from_wire(cls: type, mapping: dict[str, Any], path: str, *, tagged: 
         InvalidMessage: a field is missing, unknown or invalid.
     """
     fields = field_kinds(cls)
+    defaults = omitted_defaults(cls)
     values = {}
+    present = 0
     for name, kind in fields:
         if name not in mapping:
+            if name in defaults:  # a field added later, left out at its default
+                values[name] = defaults[name]
+                continue
             raise InvalidMessage(f"{path}.{name}", "missing")
         values[name] = _value_from_wire(kind, mapping[name], f"{path}.{name}")
-    if len(mapping) != len(fields) + (1 if tagged else 0):
+        present += 1
+    if len(mapping) != present + (1 if tagged else 0):
         known = cls._FIELD_NAMES  # type: ignore[attr-defined]
         for key in mapping:
             if key not in known and not (tagged and key == "type"):

@@ -29,6 +29,8 @@ __all__ = [
     "MAX_SUPPORTED_VERSIONS",
     "MAX_LORA_RANK",
     "MAX_LORA_TARGETS",
+    "MAX_LORA_LAYERS",
+    "MAX_LAYER_INDEX",
     "MIN_SERVER_NONCE_BYTES",
     "MAX_SERVER_NONCE_BYTES",
     "NONCE_BYTES",
@@ -99,6 +101,11 @@ MAX_LORA_RANK: Final = 1024
 
 # Target module names of a LoRA scope (e.g. q_proj, v_proj); a model has a few dozen kinds.
 MAX_LORA_TARGETS: Final = 64
+
+# Decoder layers a LoRA scope may be restricted to (ScopeSpec.lora_layers), and the
+# largest layer index it may name; the largest open models have a few hundred layers.
+MAX_LORA_LAYERS: Final = 1024
+MAX_LAYER_INDEX: Final = 65535
 
 # The coordinator's challenge nonce: at least 128 bits of entropy.
 MIN_SERVER_NONCE_BYTES: Final = 16

@@ -34,6 +34,8 @@ from protocol.errors import InvalidMessage, LocalProtocolError
 from protocol.limits import (
     MAX_EXAMPLES,
     MAX_ID_CHARS,
+    MAX_LAYER_INDEX,
+    MAX_LORA_LAYERS,
     MAX_LORA_RANK,
     MAX_LORA_TARGETS,
     MAX_ROUND,
@@ -69,6 +71,7 @@ __all__ = [
     "RecordKind",
     "SettingsKind",
     "field_kinds",
+    "omitted_defaults",
     "wire_type_name",
     # records
     "ScopeSpec",
@@ -624,6 +627,11 @@ class _Record:
     _FIELD_NAMES: ClassVar[frozenset[str]]
     # First component of error paths: TYPE for messages, the class name for records.
     _LABEL: ClassVar[str]
+    # Fields added after their record (see ScopeSpec.lora_layers): left out of the wire
+    # map while they hold their default, and read as that default when absent, so peers
+    # that predate them interoperate for as long as the field is not used.
+    _OMITTED_WHEN_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+    _DEFAULTS: ClassVar[dict[str, Any]]
 
     def __post_init__(self) -> None:
         try:
@@ -675,13 +683,20 @@ def _schema(cls: _R) -> _R:
     """
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = []
+    omittable = cls.__dict__.get("_OMITTED_WHEN_DEFAULT", frozenset())
+    defaults: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
+        if field.name in omittable:
+            if field.default is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{field.name} may be omitted, so it needs a default")
+            defaults[field.name] = field.default
         kinds = [m for m in getattr(hints[field.name], "__metadata__", ()) if isinstance(m, Kind)]
         if len(kinds) != 1:
             raise TypeError(f"{cls.__name__}.{field.name} must declare exactly one Kind")
         fields.append((field.name, kinds[0]))
     cls._FIELDS = tuple(fields)
     cls._FIELD_NAMES = frozenset(name for name, _ in fields)
+    cls._DEFAULTS = defaults
     cls._LABEL = cls.__dict__.get("TYPE", cls.__name__)
     return cls
 
@@ -689,6 +704,12 @@ def _schema(cls: _R) -> _R:
 def field_kinds(cls: type) -> tuple[tuple[str, Kind], ...]:
     """The ``(name, kind)`` of each field of a record or message class, in wire order."""
     return cls._FIELDS  # type: ignore[attr-defined, no-any-return]
+
+
+def omitted_defaults(cls: type) -> dict[str, Any]:
+    """The fields of a record class that the wire map leaves out while they hold their
+    default (read as that default when absent), with those defaults."""
+    return cls._DEFAULTS  # type: ignore[attr-defined, no-any-return]
 
 
 @_schema
@@ -702,7 +723,12 @@ class ScopeSpec(_Record):
         lora_alpha: adapter scaling numerator.
         lora_targets: names of the modules that get adapters.
         lora_init_seed: seed from which every client initialises the adapters identically.
+        lora_layers: the decoder layers (indices in the full model) whose target modules
+            get adapters, ascending; ``()`` (the default): every layer. Left out of the
+            wire map when empty (PROTOCOL.md §4.1).
     """
+
+    _OMITTED_WHEN_DEFAULT: ClassVar[frozenset[str]] = frozenset({"lora_layers"})
 
     kind: Annotated[str, SCOPE_KIND]
     lora_rank: Annotated[int, IntKind(0, MAX_LORA_RANK)]
@@ -711,10 +737,16 @@ class ScopeSpec(_Record):
         tuple[str, ...], ListKind(StrKind(MAX_STRING_CHARS, min_chars=1), MAX_LORA_TARGETS)
     ]
     lora_init_seed: SeedField
+    lora_layers: Annotated[tuple[int, ...], ListKind(IntKind(0, MAX_LAYER_INDEX), MAX_LORA_LAYERS,
+                                                     unique="layer")] = ()
 
     def _check(self, path: str) -> None:
         if self.kind == "lora" and self.lora_rank == 0:
             raise InvalidMessage(f"{path}.lora_rank", "must be > 0 when kind is 'lora'")
+        if self.lora_layers and self.kind != "lora":
+            raise InvalidMessage(f"{path}.lora_layers", "must be empty when kind is not 'lora'")
+        if list(self.lora_layers) != sorted(self.lora_layers):
+            raise InvalidMessage(f"{path}.lora_layers", "must be in ascending order")
 
 
 @_schema

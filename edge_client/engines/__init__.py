@@ -1,7 +1,15 @@
 """Training modes. Each is one module of this package, found and registered on its own
 (see :mod:`edge_client.engines.base` for what a mode declares)."""
 
-from edge_client.engines.base import Engine, EngineError, EngineSettings, LocalUpdate, RoundPlan, SettingsError
+from edge_client.engines.base import (
+    Engine,
+    EngineError,
+    EngineRefused,
+    EngineSettings,
+    LocalUpdate,
+    RoundPlan,
+    SettingsError,
+)
 from edge_client.engines.registry import (
     UnknownModeError,
     available_engines,
@@ -13,6 +21,6 @@ from edge_client.engines.registry import (
 )
 
 __all__ = [
-    "Engine", "EngineError", "EngineSettings", "LocalUpdate", "RoundPlan", "SettingsError", "UnknownModeError",
+    "Engine", "EngineError", "EngineRefused", "EngineSettings", "LocalUpdate", "RoundPlan", "SettingsError", "UnknownModeError",
     "available_engines", "engine_policy", "get_engine", "load_engines", "register_engine", "unregister_engine",
 ]

@@ -49,7 +49,7 @@ from profiles.chooser import Choice, PolicyEntry, TrainingTask
 from profiles.estimator import ModelShape
 from protocol.limits import MAX_EXAMPLES
 
-__all__ = ["Engine", "EngineError", "EngineSettings", "LocalUpdate", "RoundPlan", "BatchSource", "ProgressFn",
+__all__ = ["Engine", "EngineError", "EngineRefused", "EngineSettings", "LocalUpdate", "RoundPlan", "BatchSource", "ProgressFn",
            "SettingsError"]
 
 
@@ -59,6 +59,12 @@ class EngineError(RuntimeError):
 
 class SettingsError(ValueError):
     """A mode setting (from the round task or the user) has the wrong name, type or value."""
+
+
+class EngineRefused(SettingsError):
+    """This client cannot serve the federation in this mode at all (say, it holds another
+    FedBiOT emulator than the federation's): the daemon leaves with this one line rather
+    than skipping rounds."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,9 @@ class Engine(ABC):
     name: ClassVar[str]
     settings_cls: ClassVar[type[EngineSettings]] = EngineSettings
     policy: ClassVar[PolicyEntry]
+    # A mode that trains through a FedBiOT emulator (the client must hold one) rather than
+    # the full model; the chooser offers it to emulator clients only, and only it.
+    needs_emulator: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
