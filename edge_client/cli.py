@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this client's private key file (edgefed-keys new); signs hellos and updates")
     parser.add_argument("--ca-file", default=None,
                         help="the federation's ca.pem, to verify a wss:// coordinator (default: system CAs)")
+    parser.add_argument("--emulator", default=None, metavar="DIR",
+                        help="a FedBiOT emulator (edgefed-emulator build) of the model: the chooser trains "
+                             "through it (mode fedbiot) when the memory budget fits nothing else")
+    parser.add_argument("--emulator-quantization", default="auto", choices=["auto", "nf4", "int8", "none"],
+                        help="how the emulator's frozen part is held (auto: 8 bits where the budget holds "
+                             "them, else 4)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | Non
                               cache_dir=args.cache_dir, copies=args.copies,
                               instruction_field=args.instruction_field, response_field=args.response_field,
                               prompt_format=args.prompt_format, on_bad_record=args.on_bad_record,
-                              key_path=args.key, ca_file=args.ca_file)
+                              key_path=args.key, ca_file=args.ca_file, emulator=args.emulator,
+                              emulator_quantization=args.emulator_quantization)
         client = make_client(config, args) if make_client is not None else EdgeClient(config)
         client.prepare()
         asyncio.run(client.run(handle_signals=True))
@@ -124,8 +131,16 @@ def _print_plan(args: argparse.Namespace) -> int:
         shape = ModelShape.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
         task = TrainingTask(scope=args.scope, batch_size=args.batch, max_seq_len=args.seq_len)
         print(report.describe())
+        manifest = None
+        if args.emulator is not None:
+            from edge_client.emulator import EmulatorLoadError, read_manifest
+
+            try:
+                manifest = read_manifest(args.emulator)
+            except EmulatorLoadError as error:
+                raise ValueError(str(error)) from None
         choice = plan_training(shape, task, report, copies=args.copies, rebase_every=args.rebase_every,
-                               mode=args.mode)
+                               mode=args.mode, emulator=manifest)
     except (ValueError, ModelLoadError, NoModeFits, ModeUnavailable) as error:
         print(f"edgefed-client: {error}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from edge_client.model import base_weights_hash, load_model, resolve_model
 from edge_client.scope import ScopeConfig, build_space
 from edge_client.space import round_copy_directory, sweep_stale_copies
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
-from profiles.chooser import Choice, ModeUnavailable, NoModeFits, TrainingTask, choose
+from profiles.chooser import Choice, ModeUnavailable, NoModeFits, PolicyEntry, TrainingTask, choose, policy_entry
 from profiles.estimator import ModelShape, lora_param_count
 from protocol import codec, limits
 from protocol.errors import MalformedFrame, PeerProtocolError, VersionMismatch
@@ -198,11 +199,12 @@ class EdgeClient:
         self.observer = config.mode == OBSERVER_MODE
         if not self.observer and config.mode != "auto":
             forced = get_engine(config.mode)  # an unknown mode fails here, before anything loads
-            if forced.needs_emulator != (config.emulator is not None):
-                raise ValueError(f"mode {config.mode} trains through an emulator: give the client one" if
-                                 forced.needs_emulator else
-                                 f"a client holding an emulator trains through it; mode {config.mode} needs the "
-                                 f"full model")
+            if forced.needs_emulator and config.emulator is None:
+                raise ValueError(f"mode {config.mode} trains through an emulator: give the client one "
+                                 f"(edgefed-emulator build)")
+            if not forced.needs_emulator and config.emulator is not None:
+                raise ValueError(f"mode {config.mode} trains the full model; leave the emulator out, or let the "
+                                 f"chooser decide (mode auto)")
         if self.observer and config.emulator is not None:
             raise ValueError("an observer follows the full model; it takes no emulator")
         # The engine class is chosen once the federation's task is known (the challenge).
@@ -269,11 +271,19 @@ class EdgeClient:
         self.device, self.profile = self.report.torch_device, self.report.profile()
         logger.info("%s", self.report.describe())
         self._sweep_stale_copies()
-        started = time.perf_counter()
         self.emulator_manifest: dict[str, Any] | None = None
+        self.model = None
         if config.emulator is not None:
-            self._load_emulator(config.emulator, started)
+            # Which model to load waits for the plan: the full model if a mode fits the
+            # budget with it, the emulator if only fedbiot does (the challenge brings the
+            # task). Until then the full model's shape and hash come from the manifest.
+            self._read_emulator(config.emulator)
             return
+        self._load_full_model()
+
+    def _load_full_model(self) -> None:
+        config = self.config
+        started = time.perf_counter()
         if self._given_model is not None:
             self.model, self.tokenizer = _adopt_model(self._given_model, self._given_tokenizer, self.device)
         else:
@@ -287,24 +297,66 @@ class EdgeClient:
                     "(given by the app)" if self._given_model is not None else config.model,
                     time.perf_counter() - started, self.device, self.model_hash)
 
-    def _load_emulator(self, path: str, started: float) -> None:
-        """Load the FedBiOT emulator in place of the full model (quantised as the
-        client's setting and bitsandbytes allow); its manifest's base hash stands for the
-        full model's, and the memory model sees the full model's shape.
+    def _read_emulator(self, path: str) -> None:
+        """Read the emulator's manifest, config and tokenizer (no weights): the full
+        model's shape for the plan, and its base hash for the challenge.
 
         Raises:
-            EngineRefused: bitsandbytes cannot run the quantisation here, or the emulator
-                directory is refused (one line each).
+            EngineRefused: the emulator directory is refused (one line).
         """
-        from edge_client.engines.fedbiot import emulator_shape_config, load_client_emulator, resolve_quantization
+        from transformers import AutoConfig, AutoTokenizer
 
-        quantization, why = resolve_quantization(self.config.emulator_quantization, str(self.device))
-        self.model, self.tokenizer, manifest = load_client_emulator(path, quantization=quantization,
-                                                                    device=str(self.device))
+        from edge_client.emulator import EmulatorLoadError, read_manifest
+        from edge_client.engines.fedbiot import emulator_shape_config
+
+        try:
+            manifest = read_manifest(path)
+            emulator_config = AutoConfig.from_pretrained(path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (EmulatorLoadError, OSError, ValueError) as error:
+            raise EngineRefused(f"cannot use the emulator in {path!r}: {error}") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.emulator_manifest = manifest
-        self.shape = ModelShape.from_hf_config(emulator_shape_config(self.model.config.to_dict(), manifest))
+        self.shape = ModelShape.from_hf_config(emulator_shape_config(emulator_config.to_dict(), manifest))
         self.prompt_format = resolve_prompt_format(self.config.prompt_format, self.tokenizer)
         self.model_hash = manifest["base_model_hash"]
+
+    def _load_planned_model(self) -> None:
+        """Load what the plan trains: the emulator (quantised as the budget and
+        bitsandbytes allow) for a mode that trains through one, else the full model,
+        which must be the emulator's base model.
+
+        Raises:
+            FatalClientError: the emulator or its quantisation is refused here, or the
+                full model is not the emulator's base model (one line each).
+        """
+        from edge_client.engines.fedbiot import load_client_emulator, resolve_quantization
+
+        assert self.choice is not None and self.emulator_manifest is not None
+        path, manifest = self.config.emulator, self.emulator_manifest
+        assert path is not None
+        if not get_engine(self.choice.mode).needs_emulator:
+            self._load_full_model()
+            if self.model_hash != manifest["base_model_hash"]:
+                raise FatalClientError(f"the full model {self.config.model!r} hashes to {self.model_hash[:16]}..., "
+                                       f"but the emulator in {path!r} was built from "
+                                       f"{manifest['base_model_hash'][:16]}...: give the client the emulator's "
+                                       f"base model")
+            return
+        started = time.perf_counter()
+        assert self.federation_task is not None
+        int8_fits = emulator_int8_fits(self.shape, self.federation_task, self.report, self.choice, manifest,
+                                       copies=self.config.copies)
+        try:
+            quantization, why = resolve_quantization(self.config.emulator_quantization, str(self.device),
+                                                     int8_fits=int8_fits)
+            self.model, self.tokenizer, manifest = load_client_emulator(path, quantization=quantization,
+                                                                        device=str(self.device),
+                                                                        expect_base_hash=manifest["base_model_hash"])
+        except EngineRefused as error:
+            raise FatalClientError(str(error)) from None
+        self.emulator_manifest = manifest
         logger.info("emulator %s (%s; keeps layers %s of %d, adapter %s) loaded in %.1fs on %s; %s", path,
                     manifest["emulator_hash"][:16], manifest["kept_layers"], manifest["num_layers_full"],
                     manifest["adapter_layers"], time.perf_counter() - started, self.device, why)
@@ -376,7 +428,7 @@ class EdgeClient:
         try:
             return plan_training(self.shape, task, self.report, copies=self.config.copies,
                                  rebase_every=federation.rebase_every, mode=self.config.mode,
-                                 emulator=self.config.emulator is not None)
+                                 emulator=self.emulator_manifest)
         except (NoModeFits, ModeUnavailable) as error:
             raise FatalClientError(str(error)) from None
 
@@ -524,6 +576,13 @@ class EdgeClient:
                 raise
             self.engine_cls = get_engine(self.choice.mode)
             logger.info("plan: %s", self.choice.explanation)
+            if self.model is None:  # a client holding an emulator loads what the plan trains
+                try:
+                    await asyncio.to_thread(self._load_planned_model)
+                except FatalClientError as error:
+                    with contextlib.suppress(ConnectionClosed):
+                        await self._send(connection, Goodbye(reason=str(error)[:limits.MAX_STRING_CHARS]))
+                    raise
             self.callbacks.emit("on_plan", PlanEvent(self.choice.mode, self.choice.batch, self.choice.explanation))
         sync = self.sync
         hello = Hello(
@@ -745,7 +804,7 @@ def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
 
 
 def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,
-                  rebase_every: int, mode: str, emulator: bool = False) -> Choice:
+                  rebase_every: int, mode: str, emulator: Mapping[str, Any] | None = None) -> Choice:
     """The mode and micro-batch this client runs for ``task`` on the device of ``report``.
 
     The one decision behind both the daemon and ``edgefed-client --plan``, so the plan
@@ -761,8 +820,10 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         copies: the copies setting ("auto", "memory" or "file", see :func:`copies_location`).
         rebase_every: the federation's rebase interval.
         mode: "auto" or a mode to force.
-        emulator: the client holds a FedBiOT emulator instead of the full model: only the
-            modes that train through one are offered (and only to it).
+        emulator: the manifest of the FedBiOT emulator the client holds besides the full
+            model, or None: the modes that train through one are offered only then,
+            ranked last (the chooser takes them when nothing else fits), their memory
+            modelled with this emulator's share of kept layers.
 
     Raises:
         NoModeFits: nothing fits, or the forced mode does not.
@@ -774,9 +835,36 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         copy_count = 1 + (rebase_every > 1)
         extra["round_copies"] = copy_count * trainable * 4  # float32
     forced = None if mode == "auto" else mode
-    policy = [entry for entry in engine_policy() if get_engine(entry.mode).needs_emulator == emulator]
+    policy = [entry if not get_engine(entry.mode).needs_emulator else _emulator_entry(entry, emulator)
+              for entry in engine_policy() if emulator is not None or not get_engine(entry.mode).needs_emulator]
     return choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
                   policy=policy, forced=forced, budget_source=report.budget_source, extra=extra)
+
+
+def _emulator_entry(entry: PolicyEntry, manifest: Mapping[str, Any] | None, **options: Any) -> PolicyEntry:
+    """A fedbiot-like policy row whose memory model keeps this emulator's share of layers."""
+    assert manifest is not None
+    keep_ratio = len(manifest["kept_layers"]) / int(manifest["num_layers_full"])
+    return dataclasses.replace(entry, memory_options={**entry.memory_options, "keep_ratio": keep_ratio, **options})
+
+
+def emulator_int8_fits(shape: ModelShape, task: TrainingTask, report: DeviceReport, choice: Choice,
+                       manifest: Mapping[str, Any], *, copies: str) -> bool:
+    """Whether the emulator's frozen part fits the budget in 8 bits at the plan's batch
+    (the policy row models 4 bits, the smallest): 8 bits lose less of the base model."""
+    entry = policy_entry(choice.mode, engine_policy())
+    if entry is None:
+        return False
+    eight_bit = _emulator_entry(entry, manifest, base_bits=8)
+    extra: dict[str, int] = {}
+    if copies_location(copies, report.kind, task.scope) == "memory" and report.kind in ("cpu", "mps"):
+        extra["round_copies"] = 2 * lora_param_count(shape, task.lora_rank) * 4
+    try:
+        fitted = choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom, policy=[eight_bit],
+                        forced=choice.mode, budget_source=report.budget_source, extra=extra)
+    except NoModeFits:
+        return False
+    return fitted.batch >= choice.batch
 
 
 def _decode(frame: str | bytes) -> Message:

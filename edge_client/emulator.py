@@ -574,6 +574,7 @@ def build_emulator(
     prompt_format: str = "auto",
     records_source: str | None = None,
     stage: StageFn | None = None,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Builds, aligns and writes a FedBiOT emulator of a model.
 
@@ -622,6 +623,15 @@ def build_emulator(
             of the same model train on.
         records_source: A label for the records in the manifest (e.g. a path).
         stage: Called with a one-line description as each phase starts.
+        adapter: Re-align against the federation's current adapter (FedBiOT's bi-level
+            loop): a peft adapter directory, as ``edgefed-export`` writes it
+            (``<out>/adapter``), whose LoRA sits on the emulator's adapter layers only.
+            The teacher is then the full model with the adapter merged, and the student
+            the emulator carrying the same adapter on its adapter layers, so the
+            compressed layers learn to feed the adapted layers what the adapted full
+            model feeds them. The adapter is not written into the emulator: its adapter
+            layers stay the base model's, as every client's space starts from them. The
+            manifest names the adapter (``aligned_to_adapter``: path and sha256).
 
     Returns:
         The manifest written to ``emulator.json`` (see the module docs for its fields).
@@ -693,6 +703,14 @@ def build_emulator(
         f"(kept {list(plan.compressed_kept)} + adapter {list(plan.adapter_layers)})"
     )
     emulator = _make_emulator(full, plan)
+    adapter_info: dict[str, str] | None = None
+    base_adapter_state: dict[str, torch.Tensor] | None = None
+    if adapter is not None:
+        say(f"plugging the adapter {adapter} into both models (re-alignment)")
+        full, adapter_info = _merge_adapter(full, adapter, plan)
+        base_adapter_state = _adapter_layers_state(emulator, plan)
+        merged = _adapter_layers_state(full, plan, own_indices=False)
+        _load_adapter_layers_state(emulator, plan, merged)
     aligner = _Aligner(full, emulator, plan)
     try:
         before = aligner.evaluate(eval_batches)
@@ -702,6 +720,8 @@ def build_emulator(
         after = aligner.evaluate(eval_batches)
     finally:
         aligner.close()
+    if base_adapter_state is not None:  # the clients' space starts from the base layers
+        _load_adapter_layers_state(emulator, plan, base_adapter_state)
     emulator.eval()
     emulator.requires_grad_(False)
 
@@ -730,11 +750,78 @@ def build_emulator(
             "sha256": _records_digest(records),
         },
         "model_class": type(full).__name__,
+        "aligned_to_adapter": adapter_info,
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     say(f"writing {out}")
     _write_atomically(out, emulator, tokenizer, manifest, overwrite=overwrite)
     return manifest
+
+
+def _merge_adapter(
+    full: PreTrainedModel, adapter: str | os.PathLike[str], plan: EmulatorPlan
+) -> tuple[PreTrainedModel, dict[str, str]]:
+    """``full`` with the peft adapter in ``adapter`` merged into its weights, and the
+    adapter's path and digest (for the manifest).
+
+    Raises:
+        EmulatorError: The directory is no peft LoRA adapter, or it adapts layers that
+            are not the emulator's adapter layers (the emulator could not carry it).
+    """
+    from peft import PeftConfig, PeftModel
+
+    directory = Path(adapter).expanduser()
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise EmulatorError(f"{str(directory)!r} is not a peft adapter directory: {e}") from e
+    if getattr(config, "peft_type", None) != "LORA":
+        raise EmulatorError(f"{str(directory)!r} holds a {config.peft_type} adapter; re-alignment takes LoRA")
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else layers
+    if layers is None or not set(layers) <= set(plan.adapter_layers):
+        raise EmulatorError(
+            f"the adapter in {str(directory)!r} adapts "
+            f"{'every layer' if layers is None else f'layers {sorted(layers)}'}, but the emulator keeps "
+            f"layers {list(plan.adapter_layers)} as its adapter: only a federation whose lora scope is "
+            f"restricted to them (lora_layers) trains an adapter it can carry"
+        )
+    try:
+        merged = PeftModel.from_pretrained(full, str(directory)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise EmulatorError(f"cannot plug the adapter in {str(directory)!r} into the model: {e}") from e
+    merged.eval()
+    merged.requires_grad_(False)
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return merged, {"path": str(directory), "sha256": digest.hexdigest()}
+
+
+def _adapter_layers_state(
+    model: PreTrainedModel, plan: EmulatorPlan, *, own_indices: bool = True
+) -> dict[str, torch.Tensor]:
+    """Copies of the adapter layers' tensors, keyed by position in ``plan.adapter_layers``
+    and name within the layer; ``own_indices``: ``model`` is the emulator (else the full
+    model)."""
+    layers = find_decoder_layers(model).layers
+    indices = plan.emulator_adapter_layers if own_indices else plan.adapter_layers
+    return {
+        f"{position}.{name}": tensor.detach().clone()
+        for position, index in enumerate(indices)
+        for name, tensor in layers[index].state_dict().items()
+    }
+
+
+def _load_adapter_layers_state(
+    emulator: PreTrainedModel, plan: EmulatorPlan, state: dict[str, torch.Tensor]
+) -> None:
+    layers = find_decoder_layers(emulator).layers
+    for position, index in enumerate(plan.emulator_adapter_layers):
+        prefix = f"{position}."
+        part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        layers[index].load_state_dict(part, strict=True)
 
 
 def _align(

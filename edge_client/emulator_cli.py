@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--records", type=Path, default=None,
                        help="JSONL of instruction/response records to align on (default: the shipped "
                             "dataset's public part, which edgefed-local's default split gives no client)")
+    build.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                       help="re-align against the federation's current adapter (FedBiOT's bi-level loop): the "
+                            "adapter directory edgefed-export writes (<out>/adapter)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     build.add_argument("--cache-dir", type=Path, default=None,
                        help="GGUF conversion cache (default: $EDGEFED_CACHE or ~/.cache/edgefed)")
@@ -120,7 +123,7 @@ def _build(args: argparse.Namespace) -> int:
         args.model, args.out, adapter_layers=args.adapter_layers, drop_ratio=args.ratio,
         records=records, records_source=source, steps=args.steps, learning_rate=args.lr,
         batch_size=args.batch, max_seq_len=args.seq_len, seed=args.seed, cache_dir=args.cache_dir,
-        overwrite=args.overwrite, progress=progress, stage=stage)
+        overwrite=args.overwrite, progress=progress, stage=stage, adapter=args.adapter)
     kept = manifest["kept_layers"]
     print(f"emulator: {len(kept)} of {manifest['num_layers_full']} layers, kept {kept} "
           f"(adapter {manifest['adapter_layers']}, drop ratio {manifest['drop_ratio']})")
@@ -128,6 +131,10 @@ def _build(args: argparse.Namespace) -> int:
           f"{manifest['alignment_loss_before']:.4f} -> {manifest['alignment_loss_after']:.4f}")
     print(f"wrote {args.out} (emulator hash {manifest['emulator_hash'][:16]}..., "
           f"base model {manifest['base_model_hash'][:16]}...)")
+    if manifest.get("aligned_to_adapter"):
+        print(f"aligned to the adapter in {manifest['aligned_to_adapter']['path']}: to move the federation to it, "
+              f"set [modes.fedbiot] emulator_hash = \"{manifest['emulator_hash']}\" and restart the coordinator "
+              f"(the ledger carries on); clients holding the old emulator are refused until they fetch this one")
     return 0
 
 

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the clients get the CPU to themselves; evaluate the ledger's rounds afterwards)")
     parser.add_argument("--no-export", action="store_true",
                         help="do not export the final model into <run dir>/export (edgefed-export does it later)")
+    parser.add_argument("--emulator", type=Path, default=None, metavar="DIR",
+                        help="a FedBiOT emulator of --model (edgefed-emulator build), given to every client: a "
+                             "client whose budget fits nothing else trains through it (mode fedbiot); the "
+                             "federation's LoRA is then restricted to the emulator's adapter layers")
+    parser.add_argument("--emulator-quantization", default="auto", choices=["auto", "nf4", "int8", "none"],
+                        help="how emulator clients hold its frozen part (auto: 8 bits where the budget holds them)")
     parser.add_argument("--threads-per-client", type=int, default=1)
     return parser
 
@@ -289,7 +295,15 @@ def modes_config(args: argparse.Namespace) -> str:
     ratios = args.droppeft_ratios
     dropout = (f"dropout_ratio = {ratios[0]}\n" if len(ratios) == 1 else
                f"adapt = \"dropout_ratio\"\nadapt_values = [{', '.join(str(r) for r in ratios)}]\n")
-    return f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}{dropout}"
+    tables = f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}{dropout}"
+    manifest = getattr(args, "emulator_manifest", None)
+    if manifest is not None:
+        # FedBiOT: every client trains the emulator's adapter layers (one space), and
+        # emulator clients must hold this very emulator.
+        layers = ", ".join(str(layer) for layer in manifest["adapter_layers"])
+        tables = (f"[training]\nlora_layers = [{layers}]\n\n{tables}\n[modes.fedbiot]\n{first_order}"
+                  f"emulator_hash = \"{manifest['emulator_hash']}\"\n")
+    return tables
 
 
 def coordinator_command(args: argparse.Namespace, model_hash: str, run_dir: Path, port_file: Path) -> list[str]:
@@ -352,6 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model_hash = base_weights_hash(model)
     del model
+    args.emulator_manifest = None
+    if args.emulator is not None:
+        from edge_client.emulator import EmulatorLoadError, read_manifest
+
+        try:
+            args.emulator_manifest = read_manifest(args.emulator)
+        except EmulatorLoadError as error:
+            print(f"edgefed-local: --emulator: {error}", file=sys.stderr)
+            return 2
+        if args.emulator_manifest["base_model_hash"] != model_hash:
+            print(f"edgefed-local: --emulator: {args.emulator} was built from another model than {args.model} "
+                  f"(base hash {args.emulator_manifest['base_model_hash'][:16]}..., the model's "
+                  f"{model_hash[:16]}...)", file=sys.stderr)
+            return 2
+        if args.scope != "lora":
+            print("edgefed-local: --emulator trains LoRA adapters (--scope lora)", file=sys.stderr)
+            return 2
     try:
         data_paths, heldout = prepare_data(args, run_dir)
     except ValueError as error:
@@ -405,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable, "-m", *module, "--url", url,
                 "--client-id", f"client-{index}", "--data", str(data_path), "--model", str(model_dir),
                 "--memory-budget", str(budget), "--prompt-format", args.prompt_format, "--mode", args.mode,
+                *(["--emulator", str(args.emulator), "--emulator-quantization", args.emulator_quantization]
+                  if args.emulator is not None and args.mode in ("auto", "fedbiot") else []),
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
         status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json",

@@ -326,3 +326,61 @@ def test_cli_builds_and_shows(tiny: Path, tmp_path: Path, capsys) -> None:
 
     assert cli_main(["show", str(out)]) == 0
     assert json.loads(capsys.readouterr().out) == manifest
+
+
+# ------------------------------------------------------------------------ re-alignment
+
+
+def _adapter_dir(tiny: Path, out: Path, layers: tuple[int, ...], scale: float = 0.5) -> Path:
+    """A peft LoRA adapter of the tiny model on ``layers``, as edgefed-export writes one,
+    with non-zero values (peft's B = 0 would leave the model unchanged)."""
+    from edge_client.scope import ScopeConfig, build_space
+
+    model, _ = load_model(tiny)
+    wrapped, space = build_space(model, ScopeConfig(kind="lora", lora_rank=4, lora_alpha=8.0,
+                                                    lora_targets=("q_proj", "v_proj"), lora_layers=layers))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        space.flat.copy_(torch.randn(space.numel, generator=generator) * scale)
+    wrapped.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_realignment_aligns_to_the_adapted_model_and_writes_the_base_adapter_layers(
+        tiny: Path, records: list[Record], built, tmp_path: Path) -> None:
+    plain_dir, plain, _ = built
+    adapter = _adapter_dir(tiny, tmp_path / "adapter", tuple(plain["adapter_layers"]))
+    out = tmp_path / "emu-realigned"
+    manifest = build_emulator(tiny, out, records=records, adapter=adapter, **BUILD)
+    assert manifest["aligned_to_adapter"]["path"] == str(adapter)
+    assert len(manifest["aligned_to_adapter"]["sha256"]) == 64
+    assert plain["aligned_to_adapter"] is None
+    assert manifest["base_model_hash"] == plain["base_model_hash"]  # the base model's, not the merged one's
+    # Aligned to another teacher (the adapted model): other weights, another hash.
+    assert manifest["emulator_hash"] != plain["emulator_hash"]
+    assert manifest["alignment_loss_before"] != plain["alignment_loss_before"]
+    assert manifest["alignment_loss_after"] < manifest["alignment_loss_before"]
+    realigned, _ = load_model(out)
+    aligned, _ = load_model(plain_dir)
+    full, _ = load_model(tiny)
+    full_layers = find_decoder_layers(full).layers
+    # The adapter layers are the base model's, bit for bit: the clients' space starts there.
+    for own, index in zip(plain["emulator_adapter_layers"], plain["adapter_layers"], strict=True):
+        written = find_decoder_layers(realigned).layers[own].state_dict()
+        for name, tensor in full_layers[index].state_dict().items():
+            assert torch.equal(written[name], tensor), name
+    # The compressed layers moved differently from the plain alignment's.
+    first = find_decoder_layers(realigned).layers[1].state_dict()
+    other = find_decoder_layers(aligned).layers[1].state_dict()
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_realignment_refuses_an_adapter_on_layers_the_emulator_does_not_keep_intact(
+        tiny: Path, records: list[Record], tmp_path: Path) -> None:
+    adapter = _adapter_dir(tiny, tmp_path / "adapter", (0, LAYERS - 1))
+    with pytest.raises(EmulatorError, match=r"adapts layers \[0, 7\], but the emulator keeps layers \[6, 7\] as its "
+                                            r"adapter"):
+        build_emulator(tiny, tmp_path / "emu", records=records, adapter=adapter, **BUILD)
+    assert not (tmp_path / "emu").exists()
+    with pytest.raises(EmulatorError, match="is not a peft adapter directory"):
+        build_emulator(tiny, tmp_path / "emu", records=records, adapter=tmp_path, **BUILD)

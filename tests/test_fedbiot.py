@@ -213,23 +213,47 @@ def test_the_nf4_emulator_trains_the_adapter_and_the_proximal_term_holds_it_back
     assert float(deltas[50.0].norm()) < 0.8 * float(deltas[0.0].norm())
 
 
-def test_the_chooser_offers_fedbiot_to_emulator_clients_only(tiny: Tiny) -> None:
-    from edge_client.daemon import plan_training
+def test_the_chooser_takes_the_emulator_only_when_nothing_else_fits() -> None:
+    from edge_client.daemon import emulator_int8_fits, plan_training
     from edge_client.device import detect_device
-    from profiles.chooser import TrainingTask
+    from profiles.chooser import NoModeFits, TrainingTask
     from profiles.estimator import ModelShape
 
     assert get_engine("fedbiot") is FedBiOTEngine
-    model, _ = load_model(tiny.directory)
-    shape = ModelShape.from_hf_config(model.config.to_dict(), num_parameters=model.num_parameters())
-    task = TrainingTask(scope="lora", batch_size=2, max_seq_len=64, lora_rank=4)
-    report = detect_device("cpu", memory_budget_bytes=4 << 30, headroom=0.1)
-    assert plan_training(shape, task, report, copies="memory", rebase_every=3, mode="auto",
-                         emulator=True).mode == "fedbiot"
-    assert plan_training(shape, task, report, copies="memory", rebase_every=3, mode="auto").mode == "ferret"
+    # SmolLM2-1.7B's shape: the budgets where the modes part are then GiB apart, far
+    # from the estimator's constant overheads; the emulator keeps 13 of its 24 layers.
+    shape = ModelShape.from_hf_config({"model_type": "llama", "vocab_size": 49152, "hidden_size": 2048,
+                                       "intermediate_size": 8192, "num_hidden_layers": 24,
+                                       "num_attention_heads": 32, "num_key_value_heads": 32,
+                                       "tie_word_embeddings": True})
+    manifest = {"num_layers_full": 24, "kept_layers": list(range(0, 22, 2)) + [22, 23], "adapter_layers": [22, 23]}
+    task = TrainingTask(scope="lora", batch_size=2, max_seq_len=256, lora_rank=4)
+
+    def plan(gib: float, held: dict | None):
+        report = detect_device("cpu", memory_budget_bytes=int(gib * (1 << 30)), headroom=0.1)
+        try:
+            choice = plan_training(shape, task, report, copies="memory", rebase_every=3, mode="auto", emulator=held)
+        except NoModeFits:
+            return None
+        int8 = choice.mode == "fedbiot" and emulator_int8_fits(shape, task, report, choice, held, copies="memory")
+        return choice.mode, int8
+
+    budgets = [quarter / 4 for quarter in range(1, 48)]
+    alone = {gib: plan(gib, None) for gib in budgets}
+    held = {gib: plan(gib, manifest) for gib in budgets}
+    full_from = min(gib for gib in budgets if alone[gib] is not None)
+    emulator_from = min(gib for gib in budgets if held[gib] is not None)
+    int8_from = min(gib for gib in budgets if held[gib] is not None and held[gib][1])
+    assert emulator_from < int8_from < full_from  # 4 bits fit first, then 8, then the full model
+    assert all(alone[gib] is None or alone[gib][0] != "fedbiot" for gib in budgets)  # offered to holders only
+    for gib in budgets:
+        if gib >= full_from:  # the emulator is the fallback, ranked last: never taken while a mode fits
+            assert held[gib] == alone[gib] and held[gib][0] != "fedbiot"
+        elif gib >= emulator_from:
+            assert held[gib] == ("fedbiot", gib >= int8_from)
     with pytest.raises(ValueError, match="trains through an emulator"):
         EdgeClient(ClientConfig(url="ws://127.0.0.1:1", client_id="x", data_path=None, mode="fedbiot"))
-    with pytest.raises(ValueError, match="needs the full model"):
+    with pytest.raises(ValueError, match="trains the full model; leave the emulator out"):
         EdgeClient(ClientConfig(url="ws://127.0.0.1:1", client_id="x", data_path=None, mode="ferret",
                                 emulator="somewhere"))
 
@@ -266,15 +290,22 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
         modes = {"ferret": {"seeds": 32, "local_steps": 2},
                  "fedbiot": {"seeds": 32, "local_steps": 2, "proximal": 0.1,
                              "emulator_hash": manifest["emulator_hash"]}}
-        async with coordinator(tmp_path, tiny, **federation(tiny, tmp_path, **modes)) as server:
+        three = {**federation(tiny, tmp_path, **modes), "clients_per_round": 3, "quorum": 3, "min_clients": 3}
+        async with coordinator(tmp_path, tiny, **three) as server:
             clients.append(client(server, tmp_path, "full", tiny, seen))
             clients.append(client(server, tmp_path, "emu", tiny, seen, emulator=str(directory),
-                                  emulator_quantization=quantization))
+                                  emulator_quantization=quantization, mode="fedbiot"))
+            # Holds the emulator too, but its budget fits a full-model mode: the chooser
+            # leaves the emulator (the fallback) and the client loads the full model.
+            clients.append(client(server, tmp_path, "both", tiny, seen, emulator=str(directory)))
+            assert clients[-1].model is None  # nothing loaded before the plan
             await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 240)
 
     asyncio.run(body())
-    full, emu = clients
-    assert full.choice.mode == "ferret" and emu.choice.mode == "fedbiot"
+    full, emu, both = clients
+    assert full.choice.mode == "ferret" and emu.choice.mode == "fedbiot" and both.choice.mode == "ferret"
+    assert not hasattr(both.model, "edgefed_emulator_manifest")
+    assert both.model.config.num_hidden_layers == LAYERS and seen["both"] == seen["full"]
     assert isinstance(emu.engine, FedBiOTEngine) and emu.engine.settings.proximal == 0.1
     assert emu.model_hash == tiny.model_hash == manifest["base_model_hash"]
     assert emu.rounds_trained == full.rounds_trained == 3
@@ -293,7 +324,7 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
     with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
         rows = db.execute("SELECT round, client_id, pairs_json FROM contributions ORDER BY round, client_id").fetchall()
     assert [(r, c, len(json.loads(p))) for r, c, p in rows] == [
-        (r, c, 32) for r in (1, 2, 3) for c in ("emu", "full")]
+        (r, c, 32) for r in (1, 2, 3) for c in ("both", "emu", "full")]
     emu_values = [v for r, c, p in rows if c == "emu" for _, v in json.loads(p)]
     assert any(v != 0 for v in emu_values)  # the emulator client's update is real
 
@@ -306,7 +337,8 @@ def test_an_emulator_of_another_base_model_is_refused(tmp_path: Path, tiny: Tiny
     async def body() -> None:
         async with coordinator(tmp_path, tiny, **{**federation(tiny, tmp_path), "min_clients": 1,
                                                   "clients_per_round": 1, "quorum": 1}) as server:
-            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(out), emulator_quantization="none")
+            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(out), emulator_quantization="none",
+                         mode="fedbiot")
             await asyncio.wait_for(emu.run(), 60)
 
     with pytest.raises(FatalClientError, match=r"^the emulator in .* was built from base model .*build an emulator "
@@ -324,7 +356,8 @@ def test_a_client_holding_another_emulator_than_the_federations_is_refused(tmp_p
         settings = {**federation(tiny, tmp_path, fedbiot={"emulator_hash": pinned}), "min_clients": 1,
                     "clients_per_round": 1, "quorum": 1}
         async with coordinator(tmp_path, tiny, **settings) as server:
-            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(directory), emulator_quantization="none")
+            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(directory), emulator_quantization="none",
+                         mode="fedbiot")
             await asyncio.wait_for(emu.run(), 60)
 
     with pytest.raises(FatalClientError, match=rf"^this client's emulator is {manifest['emulator_hash'][:16]}\.\.\., "

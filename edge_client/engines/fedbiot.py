@@ -75,8 +75,15 @@ class FedBiOTSettings(FerretSettings):
             raise SettingsError(f"emulator_hash must be 64 lowercase hex characters, got {self.emulator_hash!r}")
 
 
-def resolve_quantization(setting: str, device: str) -> tuple[str | None, str]:
+def resolve_quantization(setting: str, device: str, *, int8_fits: bool = False) -> tuple[str | None, str]:
     """The quantisation to load the emulator in, and one line why.
+
+    Args:
+        setting: the client's choice (:data:`EMULATOR_QUANTIZATIONS`).
+        device: where the emulator runs.
+        int8_fits: the memory model holds the 8-bit emulator within the budget at the
+            plan's batch; ``auto`` then prefers int8 (it loses less of the base model),
+            else nf4 (the smallest).
 
     Returns:
         ``("nf4" | "int8" | None, reason)``; None with ``setting == "none"`` means float32.
@@ -92,12 +99,20 @@ def resolve_quantization(setting: str, device: str) -> tuple[str | None, str]:
                             f"got {setting!r}")
     if setting == "none":
         return None, "emulator held in float32 (no quantisation asked for)"
-    candidates = ("nf4", "int8") if setting == "auto" else (setting,)
+    if setting == "auto":
+        candidates = ("int8", "nf4") if int8_fits else ("nf4", "int8")
+    else:
+        candidates = (setting,)
     reasons = []
     for quantization in candidates:
         supported, reason = quantization_support(quantization, device)
         if supported:
-            return quantization, reason
+            budget = ""
+            if setting == "auto":
+                budget = (" (8 bits fit the memory budget)" if int8_fits else
+                          " (8 bits would not fit the memory budget)" if quantization == "nf4" else
+                          " (4 bits cannot run here; 8 bits may exceed the memory budget)")
+            return quantization, reason + budget
         reasons.append(reason)
     raise EngineRefused(f"fedbiot is not offered on this device: {'; '.join(reasons)}")
 
