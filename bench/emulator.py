@@ -1,7 +1,7 @@
 """FedBiOT's emulator on the real model: what it costs in memory, how well it aligns, and
 how much of the full-model clients' progress its clients buy (issue #19).
 
-    python bench/emulator.py            # about 25 minutes on this 2-core CPU
+    python bench/emulator.py            # about 25 minutes on this 2-core CPU (10 rounds)
     python bench/emulator.py --quick    # a few minutes: short alignment, 3 rounds
 
 Stages, all on SmolLM2-135M-Instruct (the default model) on this machine:
@@ -50,7 +50,7 @@ from bench._results import write_result  # noqa: E402
 
 MODEL = "smollm2-135m"
 SCOPE = {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ("q_proj", "v_proj"), "lora_init_seed": 0}
-FULL = {"steps": 200, "rounds": 8, "memory_batch": 4, "memory_seq_len": 256, "repeats": 3}
+FULL = {"steps": 200, "rounds": 10, "memory_batch": 4, "memory_seq_len": 256, "repeats": 3}
 QUICK = {"steps": 20, "rounds": 3, "memory_batch": 4, "memory_seq_len": 128, "repeats": 1}
 MEMORY_KINDS = ("fp32_forward", "nf4_step", "int8_step", "fp32_ferret_step")
 
@@ -112,6 +112,7 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
                 parameter.grad = None
     op()  # first use: kernels, thread pools, bitsandbytes' lazy state
     release_free_memory()
+    resident_kib = status_kib("VmRSS")  # weights, libraries loaded since the baseline, warm state
     if not hwm_reset():
         raise SystemExit("needs Linux's resettable high-water mark (/proc/self/clear_refs)")
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = (time.perf_counter() - started) / 2
     peak_kib = status_kib("VmHWM")
     return {"kind": kind, "peak_bytes": (peak_kib - baseline_kib) * 1024, "baseline_bytes": baseline_kib * 1024,
-            "op_s": seconds}
+            "resident_before_op_bytes": (resident_kib - baseline_kib) * 1024, "op_s": seconds}
 
 
 def measure(kind: str, model_dir: Path, emulator: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -155,20 +156,40 @@ def federation(name: str, work: Path, emulator: Path, rounds: int, *extra: str) 
     return summary
 
 
-def emulator_heldout_loss(emulator: Path, model_dir: Path, heldout: Path) -> dict[str, float]:
-    """The held-out loss of the emulator itself (fp32, no adapter) and of the full model."""
+def heldout_losses(emulator: Path, model_dir: Path, heldout: Path, ledger: Path) -> dict[str, float]:
+    """Held-out loss of the full model and of the emulator (fp32), each without the
+    adapter and with the last round's adapter of ``ledger`` (rebuilt from the ledger, as
+    the exporter does; the emulator gets the same values through its layer map)."""
+    import torch
+
     from edge_client.data import resolve_prompt_format
-    from edge_client.emulator import load_emulator
+    from edge_client.engines.fedbiot import FedBiOTEngine, load_client_emulator
     from edge_client.evaluate import evaluate, load_eval_records
-    from edge_client.model import load_model
+    from exporter.replay import rebuild
 
     records = load_eval_records(heldout)
-    losses = {}
-    for name, (model, tokenizer) in (("full_model", load_model(model_dir)),
-                                     ("emulator", load_emulator(emulator)[:2])):
-        result = evaluate(model, tokenizer, records, max_seq_len=96, generate=False,
-                          prompt_format=resolve_prompt_format("auto", tokenizer))
-        losses[name] = result.loss
+
+    def loss(model: Any, tokenizer: Any) -> float:
+        return evaluate(model, tokenizer, records, max_seq_len=96, generate=False,
+                        prompt_format=resolve_prompt_format("auto", tokenizer)).loss
+
+    rebuilt = rebuild(ledger, str(model_dir), verify=False)  # the last committed round
+    trained = rebuilt.space.flat.detach().clone()
+    losses = {"full_model_with_adapter": loss(rebuilt.model, rebuilt.tokenizer)}
+    with torch.no_grad():
+        rebuilt.space.flat.zero_()  # A = B = 0: the adapter adds B A x = 0, the base model
+    losses["full_model"] = loss(rebuilt.model, rebuilt.tokenizer)
+    model, tokenizer, _ = load_client_emulator(emulator, quantization=None)
+    scope = rebuilt.facts.scope
+    model, space = FedBiOTEngine.prepare(model, scope)
+    if [e.name for e in space.entries] != [e.name for e in rebuilt.space.entries]:
+        raise SystemExit("the emulator's adapter space is not the federation's")
+    with torch.no_grad():
+        space.flat.zero_()
+    losses["emulator"] = loss(model, tokenizer)
+    with torch.no_grad():
+        space.flat.copy_(trained)
+    losses["emulator_with_adapter"] = loss(model, tokenizer)
     return losses
 
 
@@ -217,25 +238,31 @@ def main(argv: list[str]) -> None:
         runs = [measure(kind, model_dir, emulator, settings) for _ in range(settings["repeats"])]
         peaks = sorted(r["peak_bytes"] for r in runs)
         memory[kind] = {"runs": runs, "median_peak_bytes": peaks[len(peaks) // 2], "spread_bytes": [peaks[0], peaks[-1]],
+                        "median_resident_bytes": sorted(r["resident_before_op_bytes"] for r in runs)[len(runs) // 2],
                         "median_op_s": sorted(r["op_s"] for r in runs)[len(runs) // 2]}
     keep_ratio = len(manifest["kept_layers"]) / manifest["num_layers_full"]
     estimates = {
         "nf4_step": estimate(shape, "emulator", scope="lora", batch=settings["memory_batch"],
                              seq_len=settings["memory_seq_len"], lora_rank=SCOPE["lora_rank"], keep_ratio=keep_ratio,
-                             base_bits=4).total,
+                             base_bits=4, adapter_layers=len(manifest["adapter_layers"]),
+                             optimizer="sgd").total,
         "int8_step": estimate(shape, "emulator", scope="lora", batch=settings["memory_batch"],
                               seq_len=settings["memory_seq_len"], lora_rank=SCOPE["lora_rank"], keep_ratio=keep_ratio,
-                              base_bits=8).total,
+                              base_bits=8, adapter_layers=len(manifest["adapter_layers"]),
+                             optimizer="sgd").total,
     }
     forward = memory["fp32_forward"]["median_peak_bytes"]
-    print(f"  {'what':<18} {'peak MiB':>9} {'spread MiB':>15} {'vs fp32 fwd':>11} {'estimate MiB':>12} {'s/op':>6}")
+    print(f"  {'what':<18} {'peak MiB':>9} {'spread MiB':>15} {'vs fp32 fwd':>11} {'estimate MiB':>12} {'s/op':>6}"
+          f" {'resident MiB':>12}")
     for kind in MEMORY_KINDS:
         row = memory[kind]
         est = estimates.get(kind)
         print(f"  {kind:<18} {row['median_peak_bytes'] / 2**20:>9.0f} "
               f"{row['spread_bytes'][0] / 2**20:>7.0f}-{row['spread_bytes'][1] / 2**20:<7.0f} "
               f"{row['median_peak_bytes'] / forward:>11.2f} {'-' if est is None else f'{est / 2**20:.0f}':>12} "
-              f"{row['median_op_s']:>6.2f}")
+              f"{row['median_op_s']:>6.2f} {row['median_resident_bytes'] / 2**20:>12.0f}")
+    print("  (peak and resident: above the interpreter with torch and transformers imported; resident: before the "
+          "measured step, after a warm-up one: weights, libraries loaded since, e.g. bitsandbytes, and warm state)")
 
     print(f"\n=== 3. quality: {settings['rounds']} rounds, 3 clients, LoRA on layers {manifest['adapter_layers']}",
           flush=True)
@@ -243,10 +270,11 @@ def main(argv: list[str]) -> None:
                               "--emulator-quantization", "nf4", "--budgets", "4GiB")
     full_run = federation("full-model-clients", work, emulator, settings["rounds"], "--mode", "ferret",
                           "--budgets", "4GiB")
-    heldout = work / "emulator-clients" / "heldout.jsonl"
-    own = emulator_heldout_loss(emulator, model_dir, heldout) if heldout.exists() else {}
-    if own:
-        print(f"  held-out loss without an adapter: full model {own['full_model']:.4f}, emulator {own['emulator']:.4f}")
+    heldout = next((work / "emulator-clients").rglob("heldout*.jsonl"))
+    own = heldout_losses(emulator, model_dir, heldout, work / "emulator-clients" / "ledger.db")
+    print(f"  held-out loss (the emulator clients' adapter): full model {own['full_model']:.4f} -> "
+          f"{own['full_model_with_adapter']:.4f} with it; the emulator itself {own['emulator']:.4f} -> "
+          f"{own['emulator_with_adapter']:.4f}")
 
     print("\n=== 4. the chooser: --emulator for every client, budgets 0.5, 0.75 and 4 GiB", flush=True)
     mixed = federation("mixed", work, emulator, settings["rounds"], "--budgets", "0.5GiB,0.75GiB,4GiB")
@@ -265,7 +293,7 @@ def main(argv: list[str]) -> None:
         "mixed_fingerprints_agree": mixed["fingerprints_agree"],
     }
     details = {"settings": settings, "model": MODEL, "manifest": manifest, "build_s": build_s, "memory": memory,
-               "estimates_bytes": estimates, "emulator_heldout_loss_without_adapter": own,
+               "estimates_bytes": estimates, "heldout_losses_emulator_clients_adapter": own,
                "federations": {"emulator_clients": emulator_run, "full_model_clients": full_run, "mixed": mixed},
                "bench_wall_s": time.time() - started}
     path = write_result("emulator-quick" if args.quick else "emulator", result, details)

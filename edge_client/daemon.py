@@ -27,6 +27,7 @@ import random
 import secrets
 import signal
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -322,6 +323,12 @@ class EdgeClient:
         self.prompt_format = resolve_prompt_format(self.config.prompt_format, self.tokenizer)
         self.model_hash = manifest["base_model_hash"]
 
+    def _load_planned_model_alone(self) -> None:
+        # transformers' loading patches module-level state (empty-weight init, tying) and
+        # is not thread-safe: clients sharing a process (an app, the tests) load in turn.
+        with _MODEL_LOADING:
+            self._load_planned_model()
+
     def _load_planned_model(self) -> None:
         """Load what the plan trains: the emulator (quantised as the budget and
         bitsandbytes allow) for a mode that trains through one, else the full model,
@@ -578,7 +585,7 @@ class EdgeClient:
             logger.info("plan: %s", self.choice.explanation)
             if self.model is None:  # a client holding an emulator loads what the plan trains
                 try:
-                    await asyncio.to_thread(self._load_planned_model)
+                    await asyncio.to_thread(self._load_planned_model_alone)
                 except FatalClientError as error:
                     with contextlib.suppress(ConnectionClosed):
                         await self._send(connection, Goodbye(reason=str(error)[:limits.MAX_STRING_CHARS]))
@@ -841,11 +848,15 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
                   policy=policy, forced=forced, budget_source=report.budget_source, extra=extra)
 
 
+_MODEL_LOADING = threading.Lock()
+
+
 def _emulator_entry(entry: PolicyEntry, manifest: Mapping[str, Any] | None, **options: Any) -> PolicyEntry:
     """A fedbiot-like policy row whose memory model keeps this emulator's share of layers."""
     assert manifest is not None
     keep_ratio = len(manifest["kept_layers"]) / int(manifest["num_layers_full"])
-    return dataclasses.replace(entry, memory_options={**entry.memory_options, "keep_ratio": keep_ratio, **options})
+    return dataclasses.replace(entry, memory_options={**entry.memory_options, "keep_ratio": keep_ratio,
+                                                      "adapter_layers": len(manifest["adapter_layers"]), **options})
 
 
 def emulator_int8_fits(shape: ModelShape, task: TrainingTask, report: DeviceReport, choice: Choice,

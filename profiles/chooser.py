@@ -81,7 +81,8 @@ POLICY: tuple[PolicyEntry, ...] = (
     PolicyEntry("droppeft", "first-order, stochastic layer dropout", 20, "dropout", {"drop_ratio": 0.25}),
     PolicyEntry("fedcybgd", "cyclic block updates", 30, "block", {"block_layers": 1}),
     PolicyEntry("mezo", "zeroth-order", 40, "mezo"),
-    PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", 50, "emulator", {"base_bits": 4}),
+    PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", 50, "emulator",
+                {"base_bits": 4, "adapter_layers": 2, "optimizer": "sgd"}),
 )
 
 

@@ -405,7 +405,7 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
              base_dtype_bytes: int = 4, lora_rank: int = 8, chunk_tokens: int = 1024,
              label_fraction: float = 0.5, top_layers: int | None = None,
              drop_ratio: float = 0.5, block_layers: int = 1, keep_ratio: float = 0.5,
-             base_bits: int = 4) -> Estimate:
+             base_bits: int = 4, adapter_layers: int | None = None, optimizer: str = "adamw") -> Estimate:
     """Estimates the peak memory of one step of ``mode``, in bytes, with a breakdown.
 
     Args:
@@ -430,6 +430,14 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
         keep_ratio: emulator's share of decoder layers kept, (0, 1].
         base_bits: emulator's bits per quantised base weight: 4 or 8 (16: the kept
             layers are not quantised, for comparison).
+        adapter_layers: emulator only. None: the profiler's synthetic emulator (every
+            kept layer quantised and adapted, the rest 16-bit). k: the emulator
+            ``edgefed-emulator build`` writes and the fedbiot engine trains: its top k
+            kept layers are the full model's adapter layers, unquantised like the
+            embedding, norms and head (float32), and only they carry LoRA adapters, so
+            only they keep activations for backward (no gradient goes below them).
+        optimizer: emulator only: "adamw" (moments for the adapters) or "sgd" (none; the
+            fedbiot engine's default, ferret's round).
 
     Raises:
         ValueError: an unknown mode or scope, a non-positive batch / seq_len /
@@ -474,6 +482,12 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
     if isinstance(base_bits, bool) or base_bits not in (4, 8, 16):
         raise ValueError(f"base_bits must be 4 or 8 (or 16 for an unquantised emulator), "
                          f"got {base_bits!r}")
+    if adapter_layers is not None:
+        adapter_layers = _positive_int("adapter_layers", adapter_layers)
+        if mode != "emulator":
+            raise ValueError(f"adapter_layers is only used by mode 'emulator' (mode is {mode!r})")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
 
     if mode in ("dropout", "block", "emulator") or scope == "top_layers" and mode in (
             "sgd", "adamw"):
@@ -481,7 +495,7 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
                                  base_dtype_bytes=base_dtype_bytes, lora_rank=lora_rank,
                                  top_layers=top_layers, drop_ratio=drop_ratio,
                                  block_layers=block_layers, keep_ratio=keep_ratio,
-                                 base_bits=base_bits)
+                                 base_bits=base_bits, adapter_layers=adapter_layers, optimizer=optimizer)
 
     s = shape
     n_tok = batch * seq_len  # N
@@ -572,7 +586,7 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
 def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: str,
                       base_dtype_bytes: int, lora_rank: int, top_layers: int | None,
                       drop_ratio: float, block_layers: int, keep_ratio: float,
-                      base_bits: int) -> Estimate:
+                      base_bits: int, adapter_layers: int | None = None, optimizer: str = "adamw") -> Estimate:
     """First-order steps whose layers differ: dropout, block, emulator, top_layers.
 
     Hugging Face's loss and AdamW (SGD for ``sgd`` over top_layers) as in ``adamw``, but
@@ -588,7 +602,22 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
     head_trains = False  # the tied embedding / output head trains (full scopes)
     final_norm_trains = False
     int8_inputs = False
-    if mode == "emulator":
+    if mode == "emulator" and adapter_layers is not None:
+        # edgefed's emulator: float32 embedding (and untied head), norms and adapter
+        # layers; the kept layers below the adapter quantised. Only the adapter layers
+        # carry LoRA, so only they keep activations: nothing below them needs a gradient.
+        act = FP32
+        kept = max(len(emulator_kept_layers(s.layers, keep_ratio)), adapter_layers)
+        adapter = min(adapter_layers, kept)
+        quantised_layer = 2 * s.hidden * act + sum(quantised_linear_bytes(rows, cols, base_bits)
+                                                   for rows, cols in _layer_linears(s))
+        parts["weights"] = (s.vocab * s.hidden * (1 if s.tied_embeddings else 2) * act + s.hidden * act
+                            + (kept - adapter) * quantised_layer + adapter * _layer_param_count(s) * act)
+        resident = step = optimised = adapter * lora_per_layer
+        if optimizer == "sgd":
+            optimised = 0
+        layers = [("lora", i == 0) for i in range(adapter)]
+    elif mode == "emulator":
         # Unquantised 16-bit parts: the embedding (and an untied head), the kept layers'
         # RMSNorm weights and the final norm; the kept projections are quantised.
         act = 2
@@ -598,6 +627,8 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
         parts["weights"] = (s.vocab * s.hidden * (1 if s.tied_embeddings else 2) * act
                             + s.hidden * act + kept * per_layer)
         resident = step = optimised = kept * lora_per_layer  # adapters of the kept layers
+        if optimizer == "sgd":
+            optimised = 0
         layers = [("lora", i == 0) for i in range(kept)]
         int8_inputs = base_bits == 8
     else:

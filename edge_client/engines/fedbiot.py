@@ -150,9 +150,10 @@ class FedBiOTEngine(FerretEngine):
 
     name = "fedbiot"
     settings_cls = FedBiOTSettings
-    # The memory model: the estimator's emulator step with a 4-bit (nf4) frozen part.
+    # The memory model: the estimator's emulator step in edgefed's layout (float32 adapter layers
+    # and unquantised parts, a 4-bit frozen part below, SGD: ferret's default optimizer).
     policy = PolicyEntry("fedbiot", "quantised layer-dropped emulator + adapter, first-order", 50, "emulator",
-                         {"base_bits": 4})
+                         {"base_bits": 4, "adapter_layers": 2, "optimizer": "sgd"})
     needs_emulator = True
 
     @classmethod
