@@ -220,6 +220,33 @@ def test_emulator_4_bit_is_cheaper_than_8_bit_than_a_16_bit_base(smollm2):
     assert _total("emulator", keep_ratio=0.25) < four.total
 
 
+def test_edgefeds_emulator_keeps_activations_and_adapters_only_on_its_adapter_layers():
+    # TINY_LLAMA: 8 layers; keep_ratio 0.5 keeps 4, the top 2 of them the float32 adapter.
+    layout = dict(batch=4, seq_len=64, keep_ratio=0.5, adapter_layers=2)
+    sgd = estimate(TINY_LLAMA, "emulator", optimizer="sgd", **layout)
+    adamw = estimate(TINY_LLAMA, "emulator", **layout)
+    every = estimate(TINY_LLAMA, "emulator", batch=4, seq_len=64, keep_ratio=0.5)  # all 4 kept layers adapted
+    # Adapters (and with AdamW their two moments) on 2 of the 8 layers only; SGD keeps none.
+    adapters = lora_param_count(TINY_LLAMA, 8) * 2 // 8
+    assert sgd.breakdown["trainable_copy"] == adamw.breakdown["trainable_copy"] == 4 * adapters
+    assert sgd.breakdown["optimizer_state"] == 0 and adamw.breakdown["optimizer_state"] == 2 * 4 * adapters
+    # No gradient goes below the adapter layers: the quantised layers keep nothing for
+    # backward, so two adapted float32 layers keep less than four adapted 16-bit ones.
+    assert 0 < sgd.breakdown["activations"] < every.breakdown["activations"]
+    two = estimate(TINY_LLAMA, "emulator", optimizer="sgd", **{**layout, "adapter_layers": 1})
+    assert two.breakdown["activations"] < sgd.breakdown["activations"]
+    # The adapter layers are float32 and unquantised: 8 bits below them cost more than 4,
+    # and a third adapter layer costs a float32 layer instead of a quantised one.
+    eight = estimate(TINY_LLAMA, "emulator", optimizer="sgd", base_bits=8, **layout)
+    assert sgd.breakdown["weights"] < eight.breakdown["weights"]
+    three = estimate(TINY_LLAMA, "emulator", optimizer="sgd", **{**layout, "adapter_layers": 3})
+    assert three.breakdown["weights"] > sgd.breakdown["weights"]
+    with pytest.raises(ValueError, match="adapter_layers is only used by mode 'emulator'"):
+        estimate(TINY_LLAMA, "adamw", batch=1, seq_len=8, adapter_layers=2)
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+        estimate(TINY_LLAMA, "emulator", batch=1, seq_len=8, optimizer="lion")
+
+
 def test_quantised_weight_bytes():
     # 4-bit: half a byte per element + a uint8 absmax per 64 + a float32 per 256 absmax +
     # the 256-entry float32 code of the second quantisation.

@@ -329,21 +329,26 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
     assert any(v != 0 for v in emu_values)  # the emulator client's update is real
 
 
+def run_lone_emulator_client(tmp_path: Path, tiny: Tiny, emulator_dir: Path, **modes) -> None:
+    """One fedbiot client holding ``emulator_dir`` in a one-client federation, to the end."""
+    async def body() -> None:
+        settings = {**federation(tiny, tmp_path, **modes), "min_clients": 1, "clients_per_round": 1, "quorum": 1}
+        async with coordinator(tmp_path, tiny, **settings) as server:
+            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(emulator_dir), emulator_quantization="none",
+                         mode="fedbiot")
+            await asyncio.wait_for(emu.run(), 60)
+
+    asyncio.run(body())
+
+
 def test_an_emulator_of_another_base_model_is_refused(tmp_path: Path, tiny: Tiny) -> None:
     other = make_tiny_llama(tmp_path / "other", num_layers=LAYERS, seed=1)
     out = tmp_path / "emu-other"
     build_emulator(other, out, records=public_records()[:16], steps=0, batch_size=4, max_seq_len=64, eval_records=4)
 
-    async def body() -> None:
-        async with coordinator(tmp_path, tiny, **{**federation(tiny, tmp_path), "min_clients": 1,
-                                                  "clients_per_round": 1, "quorum": 1}) as server:
-            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(out), emulator_quantization="none",
-                         mode="fedbiot")
-            await asyncio.wait_for(emu.run(), 60)
-
     with pytest.raises(FatalClientError, match=r"^the emulator in .* was built from base model .*build an emulator "
                                                r"of that model$"):
-        asyncio.run(body())
+        run_lone_emulator_client(tmp_path, tiny, out)
 
 
 def test_a_client_holding_another_emulator_than_the_federations_is_refused(tmp_path: Path, tiny: Tiny,
@@ -352,14 +357,31 @@ def test_a_client_holding_another_emulator_than_the_federations_is_refused(tmp_p
     pinned = "0" * 64
     assert manifest["emulator_hash"] != pinned
 
-    async def body() -> None:
-        settings = {**federation(tiny, tmp_path, fedbiot={"emulator_hash": pinned}), "min_clients": 1,
-                    "clients_per_round": 1, "quorum": 1}
-        async with coordinator(tmp_path, tiny, **settings) as server:
-            emu = client(server, tmp_path, "emu", tiny, {}, emulator=str(directory), emulator_quantization="none",
-                         mode="fedbiot")
-            await asyncio.wait_for(emu.run(), 60)
-
     with pytest.raises(FatalClientError, match=rf"^this client's emulator is {manifest['emulator_hash'][:16]}\.\.\., "
                                                r"but the federation trains through emulator 0000000000000000"):
-        asyncio.run(body())
+        run_lone_emulator_client(tmp_path, tiny, directory, fedbiot={"emulator_hash": pinned})
+
+
+def test_edgefed_local_restricts_the_scope_to_the_emulators_adapter_and_pins_its_hash(tmp_path: Path, tiny: Tiny,
+                                                                                      emulator) -> None:
+    import tomllib
+
+    from edge_client.local_federation import build_parser, modes_config
+
+    directory, manifest = emulator
+    args = build_parser().parse_args(["--emulator", str(directory)])
+    args.emulator_manifest = manifest
+    written = tmp_path / "modes.toml"
+    written.write_text(modes_config(args), encoding="utf-8")
+    parsed = tomllib.loads(written.read_text())
+    assert parsed["training"]["lora_layers"] == manifest["adapter_layers"] == list(ADAPTER)
+    assert parsed["modes"]["fedbiot"]["emulator_hash"] == manifest["emulator_hash"]
+    assert parsed["modes"]["fedbiot"]["seeds"] == parsed["modes"]["ferret"]["seeds"]  # ferret's round
+    # The coordinator reads it (the command line's scope beside it) as the federation.
+    config = load_config(written, {"model_hash": tiny.model_hash, "scope": "lora"})
+    assert config.lora_layers == ADAPTER
+    assert config.modes["fedbiot"]["emulator_hash"] == manifest["emulator_hash"]
+    # Without an emulator nothing of it is set.
+    plain = build_parser().parse_args([])
+    plain.emulator_manifest = None
+    assert "lora_layers" not in modes_config(plain) and "fedbiot" not in modes_config(plain)
