@@ -80,9 +80,21 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
     from profiles.procmem import hwm_reset, release_free_memory, status_kib
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    kind, rows, seq_len = spec["kind"], spec["batch"], spec["seq_len"]
+    if kind == "bitsandbytes_import":  # what importing it costs a client, on its own
+        release_free_memory()
+        before_kib = status_kib("VmRSS")
+        import bitsandbytes  # noqa: F401
+
+        release_free_memory()
+        return {"kind": kind, "resident_bytes": (status_kib("VmRSS") - before_kib) * 1024}
+    # Libraries before the baseline, as profiles/profiler.py does (the estimator's
+    # convention): every kind starts from the same process state, and bitsandbytes'
+    # import is reported on its own (the kind above).
+    import bitsandbytes  # noqa: F401
+
     release_free_memory()
     baseline_kib = status_kib("VmRSS")
-    kind, rows, seq_len = spec["kind"], spec["batch"], spec["seq_len"]
     generator = torch.Generator().manual_seed(0)
     manifest = json.loads((Path(spec["emulator"]) / "emulator.json").read_text())
     scope = ScopeConfig(kind="lora", lora_layers=tuple(manifest["adapter_layers"]), **{
@@ -214,9 +226,9 @@ def main(argv: list[str]) -> None:
     started = time.time()
 
     print(f"=== 1. building the emulator ({settings['steps']} alignment steps)", flush=True)
-    if (emulator / "emulator.json").exists():
+    if (emulator / "emulator.json").exists():  # --keep DIR of an earlier run: its build time is in the manifest
         manifest = json.loads((emulator / "emulator.json").read_text())
-        print("  reusing", emulator)
+        print("  reusing", emulator, f"(built in {manifest['build_seconds']:.0f} s)")
     else:
         def progress(step: int, total: int, loss: float) -> None:
             if step == total or step % max(1, total // 10) == 0:
@@ -224,7 +236,7 @@ def main(argv: list[str]) -> None:
 
         manifest = build_emulator(model_dir, emulator, records=public_records(), steps=settings["steps"],
                                   progress=progress)
-    build_s = time.time() - started
+    build_s = manifest["build_seconds"]
     alignment = {"before": manifest["alignment_loss_before"], "after": manifest["alignment_loss_after"]}
     print(f"  kept layers {manifest['kept_layers']} of {manifest['num_layers_full']}, adapter "
           f"{manifest['adapter_layers']}; alignment loss {alignment['before']:.4f} -> {alignment['after']:.4f} "
@@ -234,6 +246,10 @@ def main(argv: list[str]) -> None:
           f"median of {settings['repeats']} fresh processes each)", flush=True)
     shape = ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     memory: dict[str, Any] = {}
+    imports = sorted(measure("bitsandbytes_import", model_dir, emulator, settings)["resident_bytes"]
+                     for _ in range(settings["repeats"]))
+    memory["bitsandbytes_import"] = {"median_resident_bytes": imports[len(imports) // 2],
+                                     "spread_bytes": [imports[0], imports[-1]]}
     for kind in MEMORY_KINDS:
         runs = [measure(kind, model_dir, emulator, settings) for _ in range(settings["repeats"])]
         peaks = sorted(r["peak_bytes"] for r in runs)
@@ -261,8 +277,10 @@ def main(argv: list[str]) -> None:
               f"{row['spread_bytes'][0] / 2**20:>7.0f}-{row['spread_bytes'][1] / 2**20:<7.0f} "
               f"{row['median_peak_bytes'] / forward:>11.2f} {'-' if est is None else f'{est / 2**20:.0f}':>12} "
               f"{row['median_op_s']:>6.2f} {row['median_resident_bytes'] / 2**20:>12.0f}")
-    print("  (peak and resident: above the interpreter with torch and transformers imported; resident: before the "
-          "measured step, after a warm-up one: weights, libraries loaded since, e.g. bitsandbytes, and warm state)")
+    print("  (peak and resident: above the interpreter with torch, transformers, peft and bitsandbytes imported, as "
+          "profiles/profiler.py measures; resident: before the measured step, after a warm-up one: weights and warm "
+          f"state; importing bitsandbytes itself adds {memory['bitsandbytes_import']['median_resident_bytes'] / 2**20:.0f} "
+          "MiB to a client)")
 
     print(f"\n=== 3. quality: {settings['rounds']} rounds, 3 clients, LoRA on layers {manifest['adapter_layers']}",
           flush=True)
@@ -284,6 +302,9 @@ def main(argv: list[str]) -> None:
     result = {
         "emulator4bit_peak_vs_fp32_forward": round(memory["nf4_step"]["median_peak_bytes"] / forward, 3),
         "emulator8bit_peak_vs_fp32_forward": round(memory["int8_step"]["median_peak_bytes"] / forward, 3),
+        "emulator4bit_resident_vs_fp32": round(memory["nf4_step"]["median_resident_bytes"]
+                                               / memory["fp32_forward"]["median_resident_bytes"], 3),
+        "bitsandbytes_import_mib": round(memory["bitsandbytes_import"]["median_resident_bytes"] / 2**20),
         "alignment_loss_before": round(alignment["before"], 4),
         "alignment_loss_after": round(alignment["after"], 4),
         "full_model_with_adapter_eval_gain": round(emulator_gain, 4),
