@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the federation's ca.pem, to verify a wss:// coordinator (default: system CAs)")
     parser.add_argument("--emulator", default=None, metavar="DIR",
                         help="a FedBiOT emulator (edgefed-emulator build) of the model: the chooser trains "
-                             "through it (mode fedbiot) when the memory budget fits nothing else")
+                             "through it (mode fedbiot, or fedbiot_zo for the smallest budgets) when the memory budget fits "
+                             "nothing else")
     parser.add_argument("--emulator-quantization", default="auto", choices=["auto", "nf4", "int8", "none"],
                         help="how the emulator's frozen part is held (auto: 8 bits where the budget holds "
                              "them, else 4)")

@@ -131,7 +131,7 @@ class ClientConfig:
             tls-init``) to verify a wss:// coordinator; None: the system's CAs.
         emulator: a FedBiOT emulator directory (``edgefed-emulator build``): the client
             loads it instead of the full model and trains the federation's adapter
-            through it, in a mode that needs one (``fedbiot``); its manifest's base hash
+            through it, in a mode that needs one (``fedbiot``, ``fedbiot_zo``); its manifest's base hash
             stands for the full model's. None: the full model (``model``).
         emulator_quantization: how the emulator's frozen part is held: "auto" (nf4 where
             bitsandbytes runs it, else int8), "nf4", "int8" or "none" (float32).
@@ -276,7 +276,7 @@ class EdgeClient:
         self.model = None
         if config.emulator is not None:
             # Which model to load waits for the plan: the full model if a mode fits the
-            # budget with it, the emulator if only fedbiot does (the challenge brings the
+            # budget with it, the emulator if only a mode that trains through it does (the challenge brings the
             # task). Until then the full model's shape and hash come from the manifest.
             self._read_emulator(config.emulator)
             return

@@ -133,7 +133,7 @@ def _build(args: argparse.Namespace) -> int:
           f"base model {manifest['base_model_hash'][:16]}...)")
     if manifest.get("aligned_to_adapter"):
         print(f"aligned to the adapter in {manifest['aligned_to_adapter']['path']}: to move the federation to it, "
-              f"set [modes.fedbiot] emulator_hash = \"{manifest['emulator_hash']}\" and restart the coordinator "
+              f"set emulator_hash = \"{manifest['emulator_hash']}\" in [modes.fedbiot] and [modes.fedbiot_zo] and restart the coordinator "
               f"(the ledger carries on); clients holding the old emulator are refused until they fetch this one")
     return 0
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the best mode that fits its budget (SmolLM2-135M over LoRA: first-order from about "
                              "0.9 GiB, MeZO below)")
     parser.add_argument("--mode", default="auto",
-                        help="auto (each client's chooser decides) or a mode every client must run (mezo, ferret)")
+                        help="auto (each client's chooser decides) or a mode every client must run (mezo, ferret, "
+                             "droppeft, fedbiot, fedbiot_zo)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="builtin name, .gguf file, HF model directory or hub id (with internet)")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not export the final model into <run dir>/export (edgefed-export does it later)")
     parser.add_argument("--emulator", type=Path, default=None, metavar="DIR",
                         help="a FedBiOT emulator of --model (edgefed-emulator build), given to every client: a "
-                             "client whose budget fits nothing else trains through it (mode fedbiot); the "
+                             "client whose budget fits nothing else trains through it (mode fedbiot, or fedbiot_zo "
+                             "when even its backward does not fit); the "
                              "federation's LoRA is then restricted to the emulator's adapter layers")
     parser.add_argument("--emulator-quantization", default="auto", choices=["auto", "nf4", "int8", "none"],
                         help="how emulator clients hold its frozen part (auto: 8 bits where the budget holds them)")
@@ -287,6 +289,13 @@ def _ratios(text: str) -> tuple[float, ...]:
     return values
 
 
+def needs_emulator(mode: str) -> bool:
+    """Whether ``mode`` (a registered engine's name) trains through a FedBiOT emulator."""
+    from edge_client.engines import get_engine
+
+    return get_engine(mode).needs_emulator
+
+
 def modes_config(args: argparse.Namespace) -> str:
     """The coordinator's ``[modes]`` tables for this run (TOML)."""
     first_order = (f"seeds = {args.ferret_seeds}\nlocal_steps = {args.ferret_steps}\n"
@@ -301,8 +310,9 @@ def modes_config(args: argparse.Namespace) -> str:
         # FedBiOT: every client trains the emulator's adapter layers (one space), and
         # emulator clients must hold this very emulator.
         layers = ", ".join(str(layer) for layer in manifest["adapter_layers"])
-        tables = (f"[training]\nlora_layers = [{layers}]\n\n{tables}\n[modes.fedbiot]\n{first_order}"
-                  f"emulator_hash = \"{manifest['emulator_hash']}\"\n")
+        pinned = f"emulator_hash = \"{manifest['emulator_hash']}\"\n"
+        tables = (f"[training]\nlora_layers = [{layers}]\n\n{tables}\n[modes.fedbiot]\n{first_order}{pinned}"
+                  f"\n[modes.fedbiot_zo]\n{pinned}")
     return tables
 
 
@@ -351,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.data.exists():
         print(f"edgefed-local: data file not found: {args.data}", file=sys.stderr)
+        return 2
+    from edge_client.engines import available_engines, get_engine
+
+    if args.mode not in ("auto", *available_engines()):
+        print(f"edgefed-local: --mode must be auto or one of {', '.join(available_engines())}, got {args.mode!r}",
+              file=sys.stderr)
+        return 2
+    if args.mode != "auto" and get_engine(args.mode).needs_emulator and args.emulator is None:
+        print(f"edgefed-local: --mode {args.mode} trains through an emulator: give one with --emulator",
+              file=sys.stderr)
         return 2
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -437,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--client-id", f"client-{index}", "--data", str(data_path), "--model", str(model_dir),
                 "--memory-budget", str(budget), "--prompt-format", args.prompt_format, "--mode", args.mode,
                 *(["--emulator", str(args.emulator), "--emulator-quantization", args.emulator_quantization]
-                  if args.emulator is not None and args.mode in ("auto", "fedbiot") else []),
+                  if args.emulator is not None and (args.mode == "auto" or needs_emulator(args.mode))
+                  else []),
             ], run_dir, env))
         print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
         status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json",

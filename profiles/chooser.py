@@ -15,7 +15,9 @@ The policy
    many more steps to the same loss;
 5. ``fedbiot``  a 4-bit, layer-dropped emulator with a trainable adapter: the smallest
    footprint, but it trains on an approximation of the model (full-precision bases come
-   first).
+   first);
+6. ``fedbiot_zo`` the same emulator with MeZO's forward-only steps, for a device that
+   holds the emulator's forward but not its backward.
 
 Each engine declares its own row (``Engine.policy`` in ``edge_client/engines/``: rank,
 kind, memory model), and the client passes the rows of the engines it has
@@ -83,6 +85,8 @@ POLICY: tuple[PolicyEntry, ...] = (
     PolicyEntry("mezo", "zeroth-order", 40, "mezo"),
     PolicyEntry("fedbiot", "4-bit layer-dropped emulator + adapter", 50, "emulator",
                 {"base_bits": 4, "adapter_layers": 2, "optimizer": "sgd"}),
+    PolicyEntry("fedbiot_zo", "4-bit layer-dropped emulator + adapter, zeroth-order", 60, "emulator",
+                {"base_bits": 4, "adapter_layers": 2, "optimizer": "zo"}),
 )
 
 

@@ -436,8 +436,10 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
             kept layers are the full model's adapter layers, unquantised like the
             embedding, norms and head (float32), and only they carry LoRA adapters, so
             only they keep activations for backward (no gradient goes below them).
-        optimizer: emulator only: "adamw" (moments for the adapters) or "sgd" (none; the
-            fedbiot engine's default, ferret's round).
+        optimizer: emulator only: "adamw" (moments for the adapters), "sgd" (none; the
+            fedbiot engine's default, ferret's round) or "zo" (with ``adapter_layers``:
+            the fedbiot_zo engine's MeZO step, two forwards without autograd and the
+            chunked loss over the same weights).
 
     Raises:
         ValueError: an unknown mode or scope, a non-positive batch / seq_len /
@@ -486,8 +488,10 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
         adapter_layers = _positive_int("adapter_layers", adapter_layers)
         if mode != "emulator":
             raise ValueError(f"adapter_layers is only used by mode 'emulator' (mode is {mode!r})")
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if optimizer not in ("adamw", "sgd", "zo"):
+        raise ValueError(f"optimizer must be 'adamw', 'sgd' or 'zo', got {optimizer!r}")
+    if optimizer == "zo" and (mode != "emulator" or adapter_layers is None):
+        raise ValueError("optimizer 'zo' is the emulator's zeroth-order step: mode 'emulator' with adapter_layers")
 
     if mode in ("dropout", "block", "emulator") or scope == "top_layers" and mode in (
             "sgd", "adamw"):
@@ -495,7 +499,8 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
                                  base_dtype_bytes=base_dtype_bytes, lora_rank=lora_rank,
                                  top_layers=top_layers, drop_ratio=drop_ratio,
                                  block_layers=block_layers, keep_ratio=keep_ratio,
-                                 base_bits=base_bits, adapter_layers=adapter_layers, optimizer=optimizer)
+                                 base_bits=base_bits, adapter_layers=adapter_layers, optimizer=optimizer,
+                                 chunk_tokens=chunk_tokens, label_fraction=label_fraction)
 
     s = shape
     n_tok = batch * seq_len  # N
@@ -519,29 +524,8 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
         parts["trainable_copy"] = trainable * FP32
 
     if mode in ("forward", "mezo"):
-        # No autograd graph: only the residual stream and one layer's transients live.
-        # Residual stream in and out of a layer plus the normalised input: 3 N H.
-        stream = 3 * n_tok * s.hidden * act
-        # The MLP's peak inside one layer: silu(gate), up and their product: 3 N I.
-        mlp = 3 * n_tok * s.intermediate * act
-        # Attention's peak: q, k, v, their RoPE copies and the output: 3 N q + 4 N kv.
-        attn = (3 * n_tok * s.q_dim + 4 * n_tok * s.kv_dim) * act
-        # A LoRA projection (peft's Linear.forward, no grad): the base output (q, in
-        # the base dtype), the input cast to the adapters' float32 (H x 4, only over a
-        # 16-bit base), lora_B's scaled output and its sum with the base output, both
-        # float32 (type promotion), before the cast back: q x act + 2 q x 4 (+ H x 4).
-        # Below the MLP's peak for Llama shapes (I >= H); counted for completeness.
-        lora_proj = 0
-        if scope == "lora":
-            lora_proj = n_tok * (s.q_dim * act + 2 * s.q_dim * FP32
-                                 + (s.hidden * FP32 if act != FP32 else 0))
-        parts["activations"] = stream + max(mlp, attn, lora_proj)
-        # Chunked head: the C counted hidden rows (C H) and one chunk of logits in
-        # float32 (chunk x V x 4): the loss takes the chunk's log-softmax in place
-        # (edge_client/loss.py). Over a 16-bit base the 16-bit chunk and its float32
-        # copy briefly coexist (chunk x V x 2 more).
-        rows = min(counted, chunk_tokens)
-        parts["logits_loss"] = counted * s.hidden * act + rows * s.vocab * (FP32 + (act if act != FP32 else 0))
+        parts["activations"], parts["logits_loss"] = _no_grad_forward_bytes(
+            s, n_tok=n_tok, counted=counted, act=act, lora=scope == "lora", chunk_tokens=chunk_tokens)
         parts["overhead"] = RUNTIME_NOGRAD_BYTES
         if mode == "mezo" and trainable >= COMPILE_MIN_ELEMENTS:
             parts["overhead"] += RUNTIME_COMPILED_PERTURB_BYTES
@@ -583,11 +567,41 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
     return Estimate(mode, {k: int(v) for k, v in parts.items()})
 
 
+def _no_grad_forward_bytes(s: ModelShape, *, n_tok: int, counted: int, act: int, lora: bool,
+                           chunk_tokens: int) -> tuple[int, int]:
+    """(activations, logits_loss) of a forward without autograd and our chunked loss."""
+    # No autograd graph: only the residual stream and one layer's transients live.
+    # Residual stream in and out of a layer plus the normalised input: 3 N H.
+    stream = 3 * n_tok * s.hidden * act
+    # The MLP's peak inside one layer: silu(gate), up and their product: 3 N I.
+    mlp = 3 * n_tok * s.intermediate * act
+    # Attention's peak: q, k, v, their RoPE copies and the output: 3 N q + 4 N kv.
+    attn = (3 * n_tok * s.q_dim + 4 * n_tok * s.kv_dim) * act
+    # A LoRA projection (peft's Linear.forward, no grad): the base output (q, in
+    # the base dtype), the input cast to the adapters' float32 (H x 4, only over a
+    # 16-bit base), lora_B's scaled output and its sum with the base output, both
+    # float32 (type promotion), before the cast back: q x act + 2 q x 4 (+ H x 4).
+    # Below the MLP's peak for Llama shapes (I >= H); counted for completeness.
+    lora_proj = 0
+    if lora:
+        lora_proj = n_tok * (s.q_dim * act + 2 * s.q_dim * FP32 + (s.hidden * FP32 if act != FP32 else 0))
+    activations = stream + max(mlp, attn, lora_proj)
+    # Chunked head: the C counted hidden rows (C H) and one chunk of logits in
+    # float32 (chunk x V x 4): the loss takes the chunk's log-softmax in place
+    # (edge_client/loss.py). Over a 16-bit base the 16-bit chunk and its float32
+    # copy briefly coexist (chunk x V x 2 more).
+    rows = min(counted, chunk_tokens)
+    logits_loss = counted * s.hidden * act + rows * s.vocab * (FP32 + (act if act != FP32 else 0))
+    return activations, logits_loss
+
+
 def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: str,
                       base_dtype_bytes: int, lora_rank: int, top_layers: int | None,
                       drop_ratio: float, block_layers: int, keep_ratio: float,
-                      base_bits: int, adapter_layers: int | None = None, optimizer: str = "adamw") -> Estimate:
-    """First-order steps whose layers differ: dropout, block, emulator, top_layers.
+                      base_bits: int, adapter_layers: int | None = None, optimizer: str = "adamw",
+                      chunk_tokens: int = 1024, label_fraction: float = 0.5) -> Estimate:
+    """First-order steps whose layers differ: dropout, block, emulator, top_layers (and
+    the emulator's zeroth-order step, which shares its weights).
 
     Hugging Face's loss and AdamW (SGD for ``sgd`` over top_layers) as in ``adamw``, but
     the activations are counted layer by layer with :func:`_layer_saved_bytes`: which
@@ -667,6 +681,14 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
                 optimised = 0
     if scope == "lora" or mode == "emulator":
         parts["trainable_copy"] = resident * FP32  # float32 adapters beside the base
+    if optimizer == "zo":
+        # The emulator's zeroth-order step (fedbiot_zo): MeZO's two forwards without
+        # autograd and the chunked loss, over the same weights (float32 activations).
+        counted = batch * min(seq_len - 1, max(1, math.ceil(seq_len * label_fraction)))
+        parts["activations"], parts["logits_loss"] = _no_grad_forward_bytes(
+            s, n_tok=n_tok, counted=counted, act=act, lora=True, chunk_tokens=chunk_tokens)
+        parts["overhead"] = RUNTIME_NOGRAD_BYTES + RUNTIME_BNB_BYTES
+        return Estimate(mode, {k: int(v) for k, v in parts.items()})
 
     per_token = sum(_layer_saved_bytes(s, kind, act=act, bottom=bottom, lora_rank=lora_rank,
                                        int8_inputs=int8_inputs) for kind, bottom in layers)

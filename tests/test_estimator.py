@@ -243,8 +243,28 @@ def test_edgefeds_emulator_keeps_activations_and_adapters_only_on_its_adapter_la
     assert three.breakdown["weights"] > sgd.breakdown["weights"]
     with pytest.raises(ValueError, match="adapter_layers is only used by mode 'emulator'"):
         estimate(TINY_LLAMA, "adamw", batch=1, seq_len=8, adapter_layers=2)
-    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+    with pytest.raises(ValueError, match="optimizer must be 'adamw', 'sgd' or 'zo'"):
         estimate(TINY_LLAMA, "emulator", batch=1, seq_len=8, optimizer="lion")
+
+
+def test_the_emulators_zeroth_order_step_holds_its_weights_and_a_forward_only():
+    layout = dict(batch=4, seq_len=64, keep_ratio=0.5, adapter_layers=2)
+    sgd = estimate(TINY_LLAMA, "emulator", optimizer="sgd", **layout)
+    zo = estimate(TINY_LLAMA, "emulator", optimizer="zo", **layout)
+    # The same emulator in memory, adapters included ...
+    assert zo.breakdown["weights"] == sgd.breakdown["weights"]
+    assert zo.breakdown["trainable_copy"] == sgd.breakdown["trainable_copy"]
+    # ... but no gradients, no kept activations and our chunked loss instead of HF's logits.
+    assert zo.breakdown["gradients"] == zo.breakdown["optimizer_state"] == 0
+    assert zo.breakdown["logits_loss"] < sgd.breakdown["logits_loss"]
+    assert zo.total < sgd.total
+    # Its transients are a forward's: the same as MeZO's full-model forward over float32.
+    mezo = estimate(TINY_LLAMA, "mezo", batch=4, seq_len=64, scope="lora")
+    assert zo.breakdown["activations"] == mezo.breakdown["activations"]
+    assert zo.breakdown["logits_loss"] == mezo.breakdown["logits_loss"]
+    assert estimate(TINY_LLAMA, "emulator", optimizer="zo", **{**layout, "batch": 8}).total > zo.total
+    with pytest.raises(ValueError, match="optimizer 'zo' is the emulator's zeroth-order step"):
+        estimate(TINY_LLAMA, "emulator", batch=1, seq_len=8, optimizer="zo")
 
 
 def test_quantised_weight_bytes():

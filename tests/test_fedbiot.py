@@ -32,6 +32,7 @@ from edge_client.data import BatchStream, load_jsonl, tokenize
 from edge_client.emulator import build_emulator, public_records
 from edge_client.engines import EngineRefused, RoundPlan, get_engine
 from edge_client.engines.fedbiot import FedBiOTEngine, FedBiOTSettings, load_client_emulator
+from edge_client.engines.fedbiot_zo import FedBiOTZOEngine, FedBiOTZOSettings
 from edge_client.engines.ferret import FerretEngine
 from edge_client.events import ClientCallbacks, SyncEvent
 from edge_client.model import base_weights_hash, load_model
@@ -213,6 +214,42 @@ def test_the_nf4_emulator_trains_the_adapter_and_the_proximal_term_holds_it_back
     assert float(deltas[50.0].norm()) < 0.8 * float(deltas[0.0].norm())
 
 
+def direction(space, seed: int) -> torch.Tensor:
+    """The space's direction z(seed), read off by applying it."""
+    before = space.flat.detach().clone()
+    space.apply(seed, 1.0)
+    z = space.flat.detach() - before
+    space.flat.data.copy_(before)
+    return z.double()
+
+
+def test_the_zeroth_order_emulator_step_adds_the_proximal_terms_exact_directional_derivative(
+        tmp_path: Path, tiny: Tiny, emulator) -> None:
+    data_path = write_data(tmp_path / "a.jsonl", 12)
+    model, tokenizer, _ = load_client_emulator(emulator[0], quantization=None)
+    model, space = FedBiOTZOEngine.prepare(model, SCOPE)
+    assert not any(p.requires_grad for p in model.parameters())  # forward-only: nothing takes gradients
+    assert entries(space) == entries(build_space(load_model(tiny.directory)[0], SCOPE)[1])  # the federation's space
+    start = space.flat.detach().clone()
+    lr, eps, lam = 1e-2, 1e-3, 30.0
+    plan = RoundPlan(1, (5, 6), lr, eps, 4)
+    scalars = {}
+    for proximal in (0.0, lam):
+        space.flat.data.copy_(start)
+        engine = FedBiOTZOEngine(model, space, FedBiOTZOSettings(proximal=proximal))
+        update = engine.train_round(plan, batches(tokenizer, data_path, seed=1))
+        scalars[proximal] = [value for _, value in update.pairs]
+        assert update.loss_before == pytest.approx(update.loss_before)  # the data loss alone, finite
+    # Step 1 starts at the round start: the proximal term is the same at θ ± εz and adds
+    # nothing (but float32's rounding of the two perturbed points, λ-scaled).
+    assert scalars[lam][0] == pytest.approx(scalars[0.0][0], rel=1e-3)
+    # Step 2 starts at Δ = -lr g1 z1 from it: its scalar gains 2λ⟨Δ, z2⟩, exactly (a quadratic).
+    delta = -lr * scalars[0.0][0] * direction(space, 5)
+    expected = 2 * lam * float(delta @ direction(space, 6))
+    assert abs(expected) > 1e-3
+    assert scalars[lam][1] - scalars[0.0][1] == pytest.approx(expected, rel=1e-3)
+
+
 def test_the_chooser_takes_the_emulator_only_when_nothing_else_fits() -> None:
     from edge_client.daemon import emulator_int8_fits, plan_training
     from edge_client.device import detect_device
@@ -242,15 +279,20 @@ def test_the_chooser_takes_the_emulator_only_when_nothing_else_fits() -> None:
     alone = {gib: plan(gib, None) for gib in budgets}
     held = {gib: plan(gib, manifest) for gib in budgets}
     full_from = min(gib for gib in budgets if alone[gib] is not None)
-    emulator_from = min(gib for gib in budgets if held[gib] is not None)
+    zo_from = min(gib for gib in budgets if held[gib] is not None)
+    emulator_from = min(gib for gib in budgets if held[gib] is not None and held[gib][0] != "fedbiot_zo")
     int8_from = min(gib for gib in budgets if held[gib] is not None and held[gib][1])
-    assert emulator_from < int8_from < full_from  # 4 bits fit first, then 8, then the full model
-    assert all(alone[gib] is None or alone[gib][0] != "fedbiot" for gib in budgets)  # offered to holders only
+    # The emulator's forward fits first, then its backward in 4 bits, then in 8, then the full model.
+    assert zo_from < emulator_from < int8_from < full_from
+    assert all(alone[gib] is None or alone[gib][0] not in ("fedbiot", "fedbiot_zo")
+               for gib in budgets)  # offered to holders only
     for gib in budgets:
         if gib >= full_from:  # the emulator is the fallback, ranked last: never taken while a mode fits
-            assert held[gib] == alone[gib] and held[gib][0] != "fedbiot"
+            assert held[gib] == alone[gib] and held[gib][0] not in ("fedbiot", "fedbiot_zo")
         elif gib >= emulator_from:
             assert held[gib] == ("fedbiot", gib >= int8_from)
+        elif gib >= zo_from:
+            assert held[gib] == ("fedbiot_zo", False)
     with pytest.raises(ValueError, match="trains through an emulator"):
         EdgeClient(ClientConfig(url="ws://127.0.0.1:1", client_id="x", data_path=None, mode="fedbiot"))
     with pytest.raises(ValueError, match="trains the full model; leave the emulator out"):
@@ -289,9 +331,10 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
     async def body() -> None:
         modes = {"ferret": {"seeds": 32, "local_steps": 2},
                  "fedbiot": {"seeds": 32, "local_steps": 2, "proximal": 0.1,
-                             "emulator_hash": manifest["emulator_hash"]}}
-        three = {**federation(tiny, tmp_path, **modes), "clients_per_round": 3, "quorum": 3, "min_clients": 3}
-        async with coordinator(tmp_path, tiny, **three) as server:
+                             "emulator_hash": manifest["emulator_hash"]},
+                 "fedbiot_zo": {"emulator_hash": manifest["emulator_hash"]}}
+        four = {**federation(tiny, tmp_path, **modes), "clients_per_round": 4, "quorum": 4, "min_clients": 4}
+        async with coordinator(tmp_path, tiny, **four) as server:
             clients.append(client(server, tmp_path, "full", tiny, seen))
             clients.append(client(server, tmp_path, "emu", tiny, seen, emulator=str(directory),
                                   emulator_quantization=quantization, mode="fedbiot"))
@@ -299,11 +342,16 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
             # leaves the emulator (the fallback) and the client loads the full model.
             clients.append(client(server, tmp_path, "both", tiny, seen, emulator=str(directory)))
             assert clients[-1].model is None  # nothing loaded before the plan
+            # A zeroth-order emulator client (the smallest budgets): MeZO's round through it.
+            clients.append(client(server, tmp_path, "emuzo", tiny, seen, emulator=str(directory),
+                                  emulator_quantization=quantization, mode="fedbiot_zo"))
             await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 240)
 
     asyncio.run(body())
-    full, emu, both = clients
+    full, emu, both, emuzo = clients
     assert full.choice.mode == "ferret" and emu.choice.mode == "fedbiot" and both.choice.mode == "ferret"
+    assert emuzo.choice.mode == "fedbiot_zo" and isinstance(emuzo.engine, FedBiOTZOEngine)
+    assert seen["emuzo"] == seen["full"] and emuzo.rounds_trained == 3
     assert not hasattr(both.model, "edgefed_emulator_manifest")
     assert both.model.config.num_hidden_layers == LAYERS and seen["both"] == seen["full"]
     assert isinstance(emu.engine, FedBiOTEngine) and emu.engine.settings.proximal == 0.1
@@ -323,10 +371,12 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
     assert any(float(on_full[key].abs().max()) > 0 for key in on_full if ".lora_B." in key)  # trained
     with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
         rows = db.execute("SELECT round, client_id, pairs_json FROM contributions ORDER BY round, client_id").fetchall()
+    # MeZO's round takes one seed per local step (3), a prefix of the others' 32.
     assert [(r, c, len(json.loads(p))) for r, c, p in rows] == [
-        (r, c, 32) for r in (1, 2, 3) for c in ("both", "emu", "full")]
-    emu_values = [v for r, c, p in rows if c == "emu" for _, v in json.loads(p)]
-    assert any(v != 0 for v in emu_values)  # the emulator client's update is real
+        (r, c, 3 if c == "emuzo" else 32) for r in (1, 2, 3) for c in ("both", "emu", "emuzo", "full")]
+    for name in ("emu", "emuzo"):
+        values = [v for r, c, p in rows if c == name for _, v in json.loads(p)]
+        assert any(v != 0 for v in values)  # the emulator clients' updates are real
 
 
 def run_lone_emulator_client(tmp_path: Path, tiny: Tiny, emulator_dir: Path, **modes) -> None:
@@ -376,6 +426,7 @@ def test_edgefed_local_restricts_the_scope_to_the_emulators_adapter_and_pins_its
     parsed = tomllib.loads(written.read_text())
     assert parsed["training"]["lora_layers"] == manifest["adapter_layers"] == list(ADAPTER)
     assert parsed["modes"]["fedbiot"]["emulator_hash"] == manifest["emulator_hash"]
+    assert parsed["modes"]["fedbiot_zo"]["emulator_hash"] == manifest["emulator_hash"]
     assert parsed["modes"]["fedbiot"]["seeds"] == parsed["modes"]["ferret"]["seeds"]  # ferret's round
     # The coordinator reads it (the command line's scope beside it) as the federation.
     config = load_config(written, {"model_hash": tiny.model_hash, "scope": "lora"})

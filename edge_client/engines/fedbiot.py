@@ -38,7 +38,7 @@ from edge_client.scope import ScopeConfig, ScopeError, build_space
 from edge_client.space import Distribution, ParameterSpace
 from profiles.chooser import PolicyEntry
 
-__all__ = ["FedBiOTSettings", "FedBiOTEngine", "EMULATOR_QUANTIZATIONS", "resolve_quantization", "load_client_emulator",
+__all__ = ["FedBiOTSettings", "FedBiOTEngine", "EmulatorTraining", "check_emulator_hash", "EMULATOR_QUANTIZATIONS", "resolve_quantization", "load_client_emulator",
            "emulator_layer_map", "emulator_shape_config"]
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ class FedBiOTSettings(FerretSettings):
         super().__post_init__()
         if not (math.isfinite(self.proximal) and self.proximal >= 0):
             raise SettingsError(f"proximal must be a finite number >= 0, got {self.proximal}")
-        if self.emulator_hash is not None and (len(self.emulator_hash) != 64 or
-                                               any(c not in "0123456789abcdef" for c in self.emulator_hash)):
-            raise SettingsError(f"emulator_hash must be 64 lowercase hex characters, got {self.emulator_hash!r}")
+        check_emulator_hash(self.emulator_hash)
 
 
 def resolve_quantization(setting: str, device: str, *, int8_fits: bool = False) -> tuple[str | None, str]:
@@ -100,7 +98,7 @@ def resolve_quantization(setting: str, device: str, *, int8_fits: bool = False) 
     if setting == "none":
         return None, "emulator held in float32 (no quantisation asked for)"
     if setting == "auto":
-        candidates = ("int8", "nf4") if int8_fits else ("nf4", "int8")
+        candidates: tuple[str, ...] = ("int8", "nf4") if int8_fits else ("nf4", "int8")
     else:
         candidates = (setting,)
     reasons = []
@@ -145,22 +143,22 @@ def emulator_shape_config(config: dict[str, Any], manifest: dict[str, Any]) -> d
     return {**config, "num_hidden_layers": int(manifest["num_layers_full"])}
 
 
-class FedBiOTEngine(FerretEngine):
-    """Ferret's round on the emulator's adapter, with an optional proximal term."""
+class EmulatorTraining:
+    """What every mode that trains through an emulator shares (mixed in before its
+    engine base): the federation's lora scope built on the emulator's adapter layers, and
+    the refusal of an emulator other than the federation's. The engine's settings carry
+    ``emulator_hash``."""
 
-    name = "fedbiot"
-    settings_cls = FedBiOTSettings
-    # The memory model: the estimator's emulator step in edgefed's layout (float32 adapter layers
-    # and unquantised parts, a 4-bit frozen part below, SGD: ferret's default optimizer).
-    policy = PolicyEntry("fedbiot", "quantised layer-dropped emulator + adapter, first-order", 50, "emulator",
-                         {"base_bits": 4, "adapter_layers": 2, "optimizer": "sgd"})
     needs_emulator = True
+    # Whether the space's parameters take gradients (first-order) or not (zeroth-order).
+    space_takes_gradients = True
 
     @classmethod
     def prepare(cls, model: torch.nn.Module, scope: ScopeConfig, *,
                 distribution: Distribution = "rademacher") -> tuple[torch.nn.Module, ParameterSpace]:
         """The federation's lora scope on the emulator's adapter layers, named by the full
-        model's layer indices; gradients on for exactly the space.
+        model's layer indices; gradients on for exactly the space (first-order modes) or
+        for nothing (zeroth-order).
 
         Raises:
             EngineRefused: the model is not an emulator loaded by
@@ -169,13 +167,13 @@ class FedBiOTEngine(FerretEngine):
         """
         manifest = getattr(model, _MANIFEST_ATTRIBUTE, None)
         if manifest is None:
-            raise EngineRefused("fedbiot trains through an emulator: give the client one "
-                                "(edgefed-emulator build, then the client's emulator setting)")
+            raise EngineRefused(f"{getattr(cls, 'name', 'this mode')} trains through an emulator: give the client "
+                                "one (edgefed-emulator build, then the client's emulator setting)")
         adapter = [int(layer) for layer in manifest["adapter_layers"]]
         if scope.kind != "lora" or not scope.lora_layers:
-            raise EngineRefused(f"fedbiot trains LoRA on the emulator's adapter layers {adapter}; the federation's "
-                                f"scope must be lora restricted to them (lora_layers), not "
-                                f"{'lora on every layer' if scope.kind == 'lora' else scope.kind}")
+            raise EngineRefused(f"{getattr(cls, 'name', 'this mode')} trains LoRA on the emulator's adapter layers "
+                                f"{adapter}; the federation's scope must be lora restricted to them (lora_layers), "
+                                f"not {'lora on every layer' if scope.kind == 'lora' else scope.kind}")
         outside = [layer for layer in scope.lora_layers if layer not in adapter]
         if outside:
             raise EngineRefused(f"the federation adapts layers {list(scope.lora_layers)}, but {outside} are not among "
@@ -187,17 +185,16 @@ class FedBiOTEngine(FerretEngine):
         setattr(model, _MANIFEST_ATTRIBUTE, manifest)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for parameter in trainable_parameters(model, space):
-            parameter.requires_grad_(True)
+        if cls.space_takes_gradients:
+            for parameter in trainable_parameters(model, space):
+                parameter.requires_grad_(True)
         return model, space
 
-    def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: FedBiOTSettings | None = None) -> None:
-        super().__init__(model, space, settings)
+    def _remember_emulator(self, model: torch.nn.Module, settings: Any) -> None:
         self.manifest: dict[str, Any] | None = getattr(model, _MANIFEST_ATTRIBUTE, None)
-        self._round_start: torch.Tensor | None = None
-        self._check_emulator(self.settings)  # type: ignore[arg-type]
+        self._check_emulator(settings)
 
-    def _check_emulator(self, settings: FedBiOTSettings) -> None:
+    def _check_emulator(self, settings: Any) -> None:
         if settings.emulator_hash is None or self.manifest is None:
             return
         held = self.manifest["emulator_hash"]
@@ -205,6 +202,29 @@ class FedBiOTEngine(FerretEngine):
             raise EngineRefused(f"this client's emulator is {held[:16]}..., but the federation trains through "
                                 f"emulator {settings.emulator_hash[:16]}...: fetch the federation's emulator "
                                 f"(or rebuild it with edgefed-emulator build) and restart")
+
+
+def check_emulator_hash(emulator_hash: str | None) -> None:
+    """Raise :class:`SettingsError` unless ``emulator_hash`` is None or 64 lowercase hex."""
+    if emulator_hash is not None and (len(emulator_hash) != 64 or
+                                      any(c not in "0123456789abcdef" for c in emulator_hash)):
+        raise SettingsError(f"emulator_hash must be 64 lowercase hex characters, got {emulator_hash!r}")
+
+
+class FedBiOTEngine(EmulatorTraining, FerretEngine):
+    """Ferret's round on the emulator's adapter, with an optional proximal term."""
+
+    name = "fedbiot"
+    settings_cls = FedBiOTSettings
+    # The memory model: the estimator's emulator step in edgefed's layout (float32 adapter layers
+    # and unquantised parts, a 4-bit frozen part below, SGD: ferret's default optimizer).
+    policy = PolicyEntry("fedbiot", "quantised layer-dropped emulator + adapter, first-order", 50, "emulator",
+                         {"base_bits": 4, "adapter_layers": 2, "optimizer": "sgd"})
+
+    def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: FedBiOTSettings | None = None) -> None:
+        super().__init__(model, space, settings)
+        self._round_start: torch.Tensor | None = None
+        self._remember_emulator(model, self.settings)
 
     def update_settings(self, settings: FedBiOTSettings) -> None:  # type: ignore[override]
         self._check_emulator(settings)

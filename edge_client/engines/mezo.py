@@ -107,14 +107,19 @@ class MeZOEngine(Engine):
             raise EngineError(f"the loss is not finite ({value}); lower the learning rate or epsilon")
         return value
 
+    def _objective(self, batch: Any) -> float:
+        """What a step differentiates: the loss here; a mode that adds a term to it (a
+        proximal pull) overrides this, and the probes still report the loss alone."""
+        return self._loss(batch)
+
     @torch.no_grad()
     def step(self, seed: int, batch: Any, learning_rate: float, epsilon: float) -> tuple[float, float, float]:
         """One MeZO step in place. Returns (projected gradient, L+, L-)."""
         space = self.space
         space.apply(seed, epsilon)
-        loss_plus = self._loss(batch)
+        loss_plus = self._objective(batch)
         space.apply(seed, -2.0 * epsilon)
-        loss_minus = self._loss(batch)
+        loss_minus = self._objective(batch)
         grad = (loss_plus - loss_minus) / (2.0 * epsilon)
         space.apply(seed, epsilon - learning_rate * grad)
         return grad, loss_plus, loss_minus
