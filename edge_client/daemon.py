@@ -82,7 +82,8 @@ from protocol.messages import (
 )
 from protocol.values import ENCODING_SETTING, ValueEncodingError, encoding_of, pack_values
 
-__all__ = ["ClientConfig", "EdgeClient", "FatalClientError", "copies_location", "plan_training"]
+__all__ = ["ClientConfig", "EdgeClient", "FatalClientError", "copies_location", "federation_scope",
+           "plan_training"]
 
 
 logger = logging.getLogger(__name__)
@@ -373,11 +374,7 @@ class EdgeClient:
             if federation != self.federation:
                 raise FatalClientError("the coordinator's federation settings changed between connections")
             return
-        scope = ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
-                            lora_alpha=federation.scope.lora_alpha,
-                            lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
-                            lora_init_seed=federation.scope.lora_init_seed,
-                            lora_layers=tuple(federation.scope.lora_layers))
+        scope = federation_scope(federation)
         # The engine prepares the model it trains (gradients, adapters, dropped layers)
         # around the federation's space; an observer only needs the space.
         if self.engine_cls is not None:
@@ -808,6 +805,15 @@ def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
     if copies != "auto":
         return copies
     return "file" if device_kind == "cpu" and scope_kind == "full" else "memory"
+
+
+def federation_scope(federation: FederationInfo) -> ScopeConfig:
+    """The scope the federation announced (its welcome's ``scope``), as :mod:`edge_client.scope` builds it."""
+    return ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
+                       lora_alpha=federation.scope.lora_alpha,
+                       lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
+                       lora_init_seed=federation.scope.lora_init_seed,
+                       lora_layers=tuple(federation.scope.lora_layers))
 
 
 def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,

@@ -11,6 +11,13 @@ after each round scores the model on a held-out set that no client trains on:
 
 Each evaluation is appended to a JSONL metrics file. Without ``--url`` it evaluates the
 base model once and exits.
+
+With ``--emulator DIR`` (a FedBiOT emulator of the model, ``edgefed-emulator build``) it
+also scores the emulator, in float32, holding the same federated adapter (the scope's
+values copied into the emulator's space through its layer map): ``emulator_eval_loss``
+beside ``eval_loss`` in every entry. The full model with the adapter is what a
+federation delivers; the emulator's number shows whether the emulator still tracks it
+(when the full model improves and the emulator does not, re-align: README, FedBiOT).
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
+from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads, federation_scope
 from edge_client.data import DataError, resolve_prompt_format
 from edge_client.evaluate import EvalResult, evaluate, load_eval_records
 from edge_client.model import DEFAULT_MODEL, ModelLoadError, load_model, resolve_model
 from protocol.messages import OBSERVER_MODE
 
-__all__ = ["Evaluator", "main"]
+__all__ = ["Evaluator", "EmulatorScorer", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +104,59 @@ class Evaluator:
                         result.examples, result.seconds)
         return entry
 
+    def emulator_loss(self, scorer: EmulatorScorer, values: Any | None) -> float:
+        """The held-out loss of ``scorer``'s emulator holding ``values`` (None: as loaded)."""
+        model = scorer.holding(values)
+        result = evaluate(model, scorer.tokenizer, self.records, max_seq_len=self.max_seq_len,
+                          batch_size=self.batch_size, generate=False,
+                          prompt_format=resolve_prompt_format(self.prompt_format, scorer.tokenizer))
+        logger.info("emulator eval loss %.4f", result.loss)
+        return result.loss
+
     def wants_generation(self, round_number: int) -> bool:
         if self.loss_only:
             return False
         first = not self.evaluated
         return first or (self.generate_every > 0 and round_number % self.generate_every == 0)
+
+
+class EmulatorScorer:
+    """A FedBiOT emulator, held in float32, that takes the federation's adapter values.
+
+    Args:
+        path: the emulator directory.
+        expect_base_hash: the full model's base hash (it must be the emulator's base).
+
+    Raises:
+        ValueError: the emulator is refused (one line).
+    """
+
+    def __init__(self, path: str | Path, *, expect_base_hash: str) -> None:
+        from edge_client.engines import EngineRefused
+        from edge_client.engines.fedbiot import load_client_emulator
+
+        try:
+            self.model, self.tokenizer, self.manifest = load_client_emulator(path, quantization=None,
+                                                                             expect_base_hash=expect_base_hash)
+        except EngineRefused as error:
+            raise ValueError(f"--emulator: {error}") from None
+        self.space: Any = None
+
+    def attach(self, scope: Any, distribution: str) -> None:
+        """Build the federation's scope on the emulator (the space every emulator client trains)."""
+        from edge_client.engines import EngineRefused
+        from edge_client.engines.fedbiot_zo import FedBiOTZOEngine
+
+        try:
+            self.model, self.space = FedBiOTZOEngine.prepare(self.model, scope, distribution=distribution)  # type: ignore[arg-type]
+        except EngineRefused as error:
+            raise ValueError(f"--emulator: {error}") from None
+
+    def holding(self, values: Any | None) -> Any:
+        """The emulator with the adapter ``values`` loaded (None: unchanged)."""
+        if values is not None:
+            self.space.load(values)
+        return self.model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="must match the clients' (auto = the model's chat template if it has one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--emulator", default=None, metavar="DIR",
+                        help="a FedBiOT emulator of the model: also score it with the federated adapter "
+                             "(emulator_eval_loss)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -139,18 +197,31 @@ def main(argv: list[str] | None = None) -> int:
                               loss_only=args.loss_only)
         if args.url is None:
             model, tokenizer = load_model(resolve_model(args.model, cache_dir=Path(args.cache_dir) if args.cache_dir else None))
-            entry = evaluator.score(model, tokenizer, 0, generate=not args.loss_only)
+            extra = None
+            if args.emulator is not None:
+                from edge_client.model import base_weights_hash
+
+                scorer = EmulatorScorer(args.emulator, expect_base_hash=base_weights_hash(model))
+                extra = {"emulator_eval_loss": evaluator.emulator_loss(scorer, None)}
+            entry = evaluator.score(model, tokenizer, 0, generate=not args.loss_only, extra=extra)
             print(json.dumps(entry))
             return 0
         client = EdgeClient(ClientConfig(url=args.url, client_id=args.client_id, data_path=None, model=args.model,
                                          mode=OBSERVER_MODE, cache_dir=args.cache_dir))
         client.prepare()
+        emulator = None if args.emulator is None else EmulatorScorer(args.emulator,
+                                                                      expect_base_hash=client.model_hash)
 
         def on_round(round_number: int) -> None:
-            assert client.federation is not None
+            assert client.federation is not None and client.sync is not None
             evaluator.max_seq_len = client.federation.max_seq_len
+            extra = None
+            if emulator is not None:
+                if emulator.space is None:
+                    emulator.attach(federation_scope(client.federation), client.federation.perturbation)
+                extra = {"emulator_eval_loss": evaluator.emulator_loss(emulator, client.sync.space.values())}
             evaluator.score(client.model, client.tokenizer, round_number,
-                            generate=evaluator.wants_generation(round_number))
+                            generate=evaluator.wants_generation(round_number), extra=extra)
 
         client.on_round = on_round
         asyncio.run(client.run(handle_signals=True))

@@ -19,12 +19,17 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import Tiny, coordinator, write_data
+from harness import Tiny, client_status, coordinator, until, write_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 from coordinator.config import ConfigError, FederationConfig, load_config
 from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError
@@ -345,7 +350,24 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
             # A zeroth-order emulator client (the smallest budgets): MeZO's round through it.
             clients.append(client(server, tmp_path, "emuzo", tiny, seen, emulator=str(directory),
                                   emulator_quantization=quantization, mode="fedbiot_zo"))
-            await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 240)
+            # edgefed-eval follows the ledger and scores the emulator with the same adapter.
+            log = tmp_path / "evaluator.log"
+            with log.open("wb") as stderr:
+                evaluator = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "edge_client.evaluator", "--url", f"ws://127.0.0.1:{server.port}",
+                    "--heldout", str(write_data(tmp_path / "heldout.jsonl", 8, offset=100)), "--model",
+                    str(tiny.directory), "--emulator", str(directory), "--loss-only", "--metrics",
+                    str(tmp_path / "eval.jsonl"), "--cache-dir", str(tmp_path / "cache"), "--max-seq-len", "64",
+                    env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=stderr)
+            try:
+                await until(lambda: client_status(server, "evaluator") is not None or evaluator.returncode is not None,
+                            "the evaluator to join", 60)
+                await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 240)
+                await asyncio.wait_for(evaluator.wait(), 120)
+            finally:
+                if evaluator.returncode is None:
+                    evaluator.kill()
+            assert evaluator.returncode == 0, log.read_text()[-3000:]
 
     asyncio.run(body())
     full, emu, both, emuzo = clients
@@ -377,6 +399,13 @@ def test_an_emulator_client_and_a_full_model_client_agree_every_round(tmp_path: 
     for name in ("emu", "emuzo"):
         values = [v for r, c, p in rows if c == name for _, v in json.loads(p)]
         assert any(v != 0 for v in values)  # the emulator clients' updates are real
+    # The evaluator scored the full model and the emulator every round, each with the
+    # federation's adapter: the emulator's number moves with it.
+    entries = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in entries] == [0, 1, 2, 3]
+    assert all(math.isfinite(e["eval_loss"]) and math.isfinite(e["emulator_eval_loss"]) for e in entries)
+    assert len({e["emulator_eval_loss"] for e in entries}) == 4
+    assert all(e["emulator_eval_loss"] != e["eval_loss"] for e in entries)  # two models
 
 
 def run_lone_emulator_client(tmp_path: Path, tiny: Tiny, emulator_dir: Path, **modes) -> None:
@@ -436,3 +465,18 @@ def test_edgefed_local_restricts_the_scope_to_the_emulators_adapter_and_pins_its
     plain = build_parser().parse_args([])
     plain.emulator_manifest = None
     assert "lora_layers" not in modes_config(plain) and "fedbiot" not in modes_config(plain)
+
+
+def test_edgefed_eval_scores_the_emulator_beside_the_model_and_refuses_anothers(tmp_path: Path, tiny: Tiny,
+                                                                                 emulator, capsys) -> None:
+    from edge_client.evaluator import main as evaluator_main
+
+    heldout = write_data(tmp_path / "heldout.jsonl", 8, offset=100)
+    common = ["--heldout", str(heldout), "--loss-only", "--max-seq-len", "64", "--emulator", str(emulator[0])]
+    assert evaluator_main([*common, "--model", str(tiny.directory)]) == 0
+    entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(entry["emulator_eval_loss"]) and entry["emulator_eval_loss"] != entry["eval_loss"]
+    other = make_tiny_llama(tmp_path / "other", num_layers=LAYERS, seed=1)
+    assert evaluator_main([*common, "--model", str(other)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("edgefed-eval: --emulator: ") and "built from" in error
