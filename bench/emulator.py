@@ -1,7 +1,7 @@
 """FedBiOT's emulator on the real model: what it costs in memory, how well it aligns, and
 how much of the full-model clients' progress its clients buy (issue #19).
 
-    python bench/emulator.py            # about 25 minutes on this 2-core CPU (10 rounds)
+    python bench/emulator.py            # about 15 minutes on this 2-core CPU (10 rounds)
     python bench/emulator.py --quick    # a few minutes: short alignment, 3 rounds
 
 Stages, all on SmolLM2-135M-Instruct (the default model) on this machine:
@@ -14,7 +14,10 @@ Stages, all on SmolLM2-135M-Instruct (the default model) on this machine:
    no-grad forward with the loss, and the training step (forward, loss, backward into
    the adapter) of a 4-bit and an 8-bit emulator client, as the fedbiot engine runs it
    (:meth:`FedBiOTEngine._loss_backward`, which is the same HF loss as the forward), the
-   same batch for all; the full model's fp32 ferret step beside them for scale.
+   same batch for all; one MeZO step through the 4-bit emulator (fedbiot_zo) and one on
+   the full fp32 model (mezo) on the same scope; the full model's fp32 ferret step
+   beside them for scale. Each training step's estimate (profiles/estimator.py) is
+   printed beside it.
 3. **Quality**: two ``edgefed-local`` federations with the same data, rounds, scope
    (LoRA on the adapter layers) and learning rate: three emulator clients (mode fedbiot,
    4-bit) against three full-model clients (mode ferret). The held-out loss is the
@@ -22,8 +25,9 @@ Stages, all on SmolLM2-135M-Instruct (the default model) on this machine:
    replaying the ledger, so the emulator clients' adapter is scored where it is used.
    The emulator's own held-out loss (no adapter) is printed beside the full model's.
 4. **The chooser picks it**: one mixed federation, ``--emulator`` given to every client
-   and budgets 0.5, 0.75 and 4 GiB: the chooser gives the smallest client the emulator
-   (fedbiot), the middle one MeZO and the largest ferret, all reporting one fingerprint.
+   and budgets 0.35, 0.5, 0.75 and 4 GiB: the chooser gives the smallest client the
+   emulator's forward-only mode (fedbiot_zo), the next the emulator (fedbiot), then MeZO
+   and ferret, all reporting one fingerprint.
 
 The last line is one JSON object: ``emulator4bit_peak_vs_fp32_forward``,
 ``alignment_loss_before``, ``alignment_loss_after``, ``full_model_with_adapter_eval_gain``,
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +57,10 @@ MODEL = "smollm2-135m"
 SCOPE = {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ("q_proj", "v_proj"), "lora_init_seed": 0}
 FULL = {"steps": 200, "rounds": 10, "memory_batch": 4, "memory_seq_len": 256, "repeats": 3}
 QUICK = {"steps": 20, "rounds": 3, "memory_batch": 4, "memory_seq_len": 128, "repeats": 1}
-MEMORY_KINDS = ("fp32_forward", "nf4_step", "int8_step", "fp32_ferret_step")
+MEMORY_KINDS = ("fp32_forward", "nf4_step", "int8_step", "nf4_zo_step", "fp32_mezo_step", "fp32_ferret_step")
+# The mixed federation: a budget for each of the four modes an emulator holder can get
+# (edgefed-local's task: batch 4 x 96 tokens; the chooser's picks, from the memory model).
+MIXED_BUDGETS = "0.35GiB,0.5GiB,0.75GiB,4GiB"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -74,7 +82,9 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from edge_client.data import Batch
     from edge_client.engines.fedbiot import FedBiOTEngine, FedBiOTSettings, load_client_emulator
+    from edge_client.engines.fedbiot_zo import FedBiOTZOEngine, FedBiOTZOSettings
     from edge_client.engines.ferret import FerretEngine, FerretSettings
+    from edge_client.engines.mezo import MeZOEngine, MeZOSettings
     from edge_client.model import load_model
     from edge_client.scope import ScopeConfig
     from profiles.procmem import hwm_reset, release_free_memory, status_kib
@@ -99,7 +109,7 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = json.loads((Path(spec["emulator"]) / "emulator.json").read_text())
     scope = ScopeConfig(kind="lora", lora_layers=tuple(manifest["adapter_layers"]), **{
         k: tuple(v) if isinstance(v, list) else v for k, v in SCOPE.items()})
-    if kind == "fp32_forward" or kind == "fp32_ferret_step":
+    if kind.startswith("fp32_"):
         model, tokenizer = load_model(spec["model_dir"])
     else:
         model, tokenizer, manifest = load_client_emulator(spec["emulator"], quantization=kind.split("_")[0])
@@ -112,6 +122,13 @@ def measure_child(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                       use_cache=False).loss.item()
+    elif kind in ("nf4_zo_step", "fp32_mezo_step"):  # one MeZO step: two forwards, three passes
+        zo_cls = FedBiOTZOEngine if kind == "nf4_zo_step" else MeZOEngine
+        model, space = zo_cls.prepare(model, scope)
+        zo = zo_cls(model, space, (FedBiOTZOSettings if kind == "nf4_zo_step" else MeZOSettings)())
+
+        def op() -> None:
+            zo.step(7, batch, 1e-6, 1e-3)
     else:
         engine_cls = FerretEngine if kind == "fp32_ferret_step" else FedBiOTEngine
         settings = (FerretSettings if kind == "fp32_ferret_step" else FedBiOTSettings)(micro_batch=rows)
@@ -152,6 +169,7 @@ def measure(kind: str, model_dir: Path, emulator: Path, settings: dict[str, Any]
 def federation(name: str, work: Path, emulator: Path, rounds: int, *extra: str) -> dict[str, Any]:
     """One edgefed-local run (its own processes); its summary.json plus the wall time."""
     run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a --keep directory's earlier run: this one starts afresh
     command = [sys.executable, "-m", "edge_client.local_federation", "--emulator", str(emulator),
                "--rounds", str(rounds), "--loss-only", "--no-export", "--run-dir", str(run_dir), *extra]
     print(f"  {name}: {' '.join(command[3:])}", flush=True)
@@ -265,7 +283,11 @@ def main(argv: list[str]) -> None:
         "int8_step": estimate(shape, "emulator", scope="lora", batch=settings["memory_batch"],
                               seq_len=settings["memory_seq_len"], lora_rank=SCOPE["lora_rank"], keep_ratio=keep_ratio,
                               base_bits=8, adapter_layers=len(manifest["adapter_layers"]),
-                             optimizer="sgd").total,
+                              optimizer="sgd").total,
+        "nf4_zo_step": estimate(shape, "emulator", scope="lora", batch=settings["memory_batch"],
+                                seq_len=settings["memory_seq_len"], lora_rank=SCOPE["lora_rank"],
+                                keep_ratio=keep_ratio, base_bits=4, adapter_layers=len(manifest["adapter_layers"]),
+                                optimizer="zo").total,
     }
     forward = memory["fp32_forward"]["median_peak_bytes"]
     print(f"  {'what':<18} {'peak MiB':>9} {'spread MiB':>15} {'vs fp32 fwd':>11} {'estimate MiB':>12} {'s/op':>6}"
@@ -294,14 +316,19 @@ def main(argv: list[str]) -> None:
           f"{own['full_model_with_adapter']:.4f} with it; the emulator itself {own['emulator']:.4f} -> "
           f"{own['emulator_with_adapter']:.4f}")
 
-    print("\n=== 4. the chooser: --emulator for every client, budgets 0.5, 0.75 and 4 GiB", flush=True)
-    mixed = federation("mixed", work, emulator, settings["rounds"], "--budgets", "0.5GiB,0.75GiB,4GiB")
+    print(f"\n=== 4. the chooser: --emulator for every client, budgets {MIXED_BUDGETS}", flush=True)
+    mixed = federation("mixed", work, emulator, settings["rounds"], "--clients", "4", "--budgets", MIXED_BUDGETS)
 
     emulator_gain = emulator_run["eval_loss_before"] - emulator_run["eval_loss_after"]
     full_gain = full_run["eval_loss_before"] - full_run["eval_loss_after"]
     result = {
         "emulator4bit_peak_vs_fp32_forward": round(memory["nf4_step"]["median_peak_bytes"] / forward, 3),
         "emulator8bit_peak_vs_fp32_forward": round(memory["int8_step"]["median_peak_bytes"] / forward, 3),
+        "emulator4bit_zo_peak_vs_fp32_forward": round(memory["nf4_zo_step"]["median_peak_bytes"] / forward, 3),
+        "emulator4bit_zo_peak_vs_fp32_mezo": round(memory["nf4_zo_step"]["median_peak_bytes"]
+                                                   / memory["fp32_mezo_step"]["median_peak_bytes"], 3),
+        "max_estimate_rel_error": round(max(abs(estimates[k] / memory[k]["median_peak_bytes"] - 1)
+                                            for k in estimates), 3),
         "emulator4bit_resident_vs_fp32": round(memory["nf4_step"]["median_resident_bytes"]
                                                / memory["fp32_forward"]["median_resident_bytes"], 3),
         "bitsandbytes_import_mib": round(memory["bitsandbytes_import"]["median_resident_bytes"] / 2**20),

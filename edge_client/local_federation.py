@@ -373,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    if (run_dir / "ledger.db").exists():
+        # Its coordinator would resume that federation (its rounds, its settings), not
+        # start the one this command describes.
+        print(f"edgefed-local: --run-dir {run_dir} already holds a federation's ledger; give a new directory "
+              f"(or continue that federation with edgefed-coordinator --ledger-path {run_dir / 'ledger.db'})",
+              file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -545,3 +545,16 @@ def test_edgefed_local_stops_at_its_wall_budget_without_an_evaluator(tmp_path):
     assert not (run_dir / "eval.jsonl").exists()
     rounds, _, _ = ledger_rows(run_dir / "ledger.db")
     assert rounds[0] == (1, 2) and len(rounds) < 50
+
+
+def test_edgefed_local_refuses_a_run_dir_holding_a_ledger_and_an_unknown_mode(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ledger.db").write_bytes(b"")
+    assert edgefed_local(["--run-dir", str(run_dir)]) == 2
+    assert "already holds a federation's ledger" in capsys.readouterr().err
+    assert edgefed_local(["--run-dir", str(tmp_path / "new"), "--mode", "sgd"]) == 2
+    assert "--mode must be auto or one of" in capsys.readouterr().err
+    assert edgefed_local(["--run-dir", str(tmp_path / "new"), "--mode", "fedbiot_zo"]) == 2
+    assert "trains through an emulator: give one with --emulator" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
