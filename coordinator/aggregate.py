@@ -18,7 +18,9 @@ meaningful median, so they fall back to the **unweighted** mean of the clipped v
 would otherwise decide the seed. A seed with no finite value combines to 0.0. The
 report says how many values the thinnest seed had (``values_min``) and whether the
 robust method was in force for every seed (``robust``). The coefficient
-clients apply is ``a_s = fl32(-learning_rate * g_s)``. All arithmetic is float64 in a
+clients apply is ``a_s = fl32(-learning_rate * g_s)``. With personalised learning rates
+(:mod:`coordinator.personal_lr`) each client's values are first multiplied by its rate
+over the federation's, ``r_c = lr_c / lr``, so ``g_s`` combines ``r_c g_{c,s}``. All arithmetic is float64 in a
 fixed order, so the result does not depend on the order the updates arrive in.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -186,10 +188,12 @@ def as_rule(rule: AggregationRule | str) -> AggregationRule:
 
 
 def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learning_rate: float,
-                          rule: AggregationRule | str = AggregationRule()) -> AggregationReport:
+                          rule: AggregationRule | str = AggregationRule(),
+                          rate_scales: Mapping[str, float] | None = None) -> AggregationReport:
     """The round's (seed, coefficient) list in task order, with counts of what was
     dropped, clipped and capped. The updates may come in any order: they are combined
-    in client_id order.
+    in client_id order. ``rate_scales`` (client -> ``lr_c / lr``, 1 for a client not in
+    it) multiplies each client's values before they are clipped and combined.
 
     Raises:
         ValueError: no updates, two updates from one client, or an update with a seed
@@ -207,7 +211,11 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
     for first, second in zip(ordered, ordered[1:]):
         if first.client_id == second.client_id:
             raise ValueError(f"two updates from client {first.client_id!r}")
-    by_client = [(update.client_id, update.num_examples, dict(update.pairs)) for update in ordered]
+    scales = rate_scales or {}
+    by_client = [(update.client_id, update.num_examples,
+                  {seed: value * scales.get(update.client_id, 1.0) for seed, value in update.pairs}
+                  if update.client_id in scales else dict(update.pairs))
+                 for update in ordered]
     known = set(seeds)
     for client_id, _, pairs in by_client:
         if not pairs.keys() <= known:
@@ -233,7 +241,8 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
 
 
 def aggregate(seeds: Sequence[int], updates: Sequence[Update], learning_rate: float,
-              rule: AggregationRule | str = AggregationRule()) -> list[tuple[int, float]]:
+              rule: AggregationRule | str = AggregationRule(),
+              rate_scales: Mapping[str, float] | None = None) -> list[tuple[int, float]]:
     """The round's (seed, coefficient) list in task order (:func:`aggregate_with_report`'s
     coefficients); logs a line when values were dropped, clipped or capped.
 
@@ -242,7 +251,7 @@ def aggregate(seeds: Sequence[int], updates: Sequence[Update], learning_rate: fl
         RuleError: an unknown method name.
         TableError: a coefficient that overflows float32.
     """
-    report = aggregate_with_report(seeds, updates, learning_rate, rule)
+    report = aggregate_with_report(seeds, updates, learning_rate, rule, rate_scales)
     log_report(report)
     return report.coefficients
 

@@ -25,8 +25,12 @@ _OVERRIDES = {
     "port": int, "lora_rank": int, "lora_init_seed": int, "allowlist": str, "tls_cert": str, "tls_key": str,
     "aggregation": str, "aggregation_trim": float, "aggregation_clip": float, "aggregation_max_examples": int,
     "max_connections_per_address": int, "max_connections_in_handshake": int,
+    "personalised_lr": str, "personalised_lr_spread": float,
 }
 _HELP = {
+    "personalised_lr": "FedMeZO's personalised client-wise learning rates from each client's last_loss, mean_loss "
+                       "or update_size (default off: one rate)",
+    "personalised_lr_spread": "the personalised rates stay within learning_rate x (1 +- this); default 0.5",
     "quorum": "updates a round needs to commit at its deadline (default: a majority of --clients-per-round, "
               "and at least 3 where it allows under a robust aggregation)",
 }

@@ -17,6 +17,8 @@ Example (every key optional except where noted)::
     rebase_every = 8
     learning_rate = 1e-6
     epsilon = 1e-3
+    # personalised_lr = "mean_loss"   # FedMeZO's client-wise rates: "last_loss", "mean_loss",
+    # personalised_lr_spread = 0.5    # "update_size" (default "off"); within lr x (1 +- spread)
     local_steps = 10
     batch_size = 4
     max_seq_len = 128
@@ -63,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, AggregationRule, RuleError
+from coordinator.personal_lr import STATISTICS
 from coordinator.tls import TlsError, check_transport
 from protocol import limits
 from protocol.messages import InvalidMessage, SettingsKind
@@ -109,6 +112,11 @@ class FederationConfig:
         aggregation_clip: bound on |projected gradient| before combining.
         aggregation_max_examples: cap on an update's num_examples weight.
         learning_rate, epsilon: the MeZO step size and perturbation scale.
+        personalised_lr: "off" (every client runs ``learning_rate``) or the statistic of
+            FedMeZO's personalised client-wise rates (:mod:`coordinator.personal_lr`):
+            "last_loss", "mean_loss" (its last five rounds) or "update_size".
+        personalised_lr_spread: δ / lr of those rates, in [0, 1): they stay within
+            ``learning_rate · (1 ± spread)`` (FedMeZO's code: 0.5).
         local_steps: seeds per round for a client whose mode sets no ``seeds`` in
             ``modes`` (a MeZO client takes one step per seed).
         modes: per training mode (the name a client's hello gives), its settings: the key
@@ -164,6 +172,8 @@ class FederationConfig:
     aggregation_max_examples: int = 10_000
     learning_rate: float = 1e-6
     epsilon: float = 1e-3
+    personalised_lr: str = "off"
+    personalised_lr_spread: float = 0.5
     local_steps: int = 10
     batch_size: int = 4
     max_seq_len: int = 128
@@ -233,6 +243,10 @@ class FederationConfig:
             raise bad("local_steps", f"must be between 1 and {limits.MAX_SEEDS_PER_ROUND}")
         if self.seed_pool_size and self.local_steps > self.seed_pool_size:
             raise bad("local_steps", "cannot exceed seed_pool_size (seeds in a round are distinct)")
+        if self.personalised_lr not in ("off", *STATISTICS):
+            raise bad("personalised_lr", f"must be 'off' or one of {', '.join(STATISTICS)}")
+        if not 0.0 <= self.personalised_lr_spread < 1.0:
+            raise bad("personalised_lr_spread", "must be in [0, 1)")
         for key in ("learning_rate", "epsilon", "deadline_s"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise bad(key, "must be a finite number > 0")
@@ -372,6 +386,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "perturbation": "perturbation", "aggregation": "aggregation", "aggregation_trim": "aggregation_trim",
         "aggregation_clip": "aggregation_clip", "aggregation_max_examples": "aggregation_max_examples",
         "learning_rate": "learning_rate", "epsilon": "epsilon", "local_steps": "local_steps",
+        "personalised_lr": "personalised_lr", "personalised_lr_spread": "personalised_lr_spread",
         "batch_size": "batch_size", "max_seq_len": "max_seq_len",
     },
     "rounds": {

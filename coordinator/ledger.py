@@ -43,7 +43,7 @@ __all__ = [
     "table_digest",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 added the adaptive_settings table; a version-1 ledger gains it when opened.
 _ADAPTIVE_SETTINGS_TABLE = """CREATE TABLE adaptive_settings (
     client_id  TEXT NOT NULL,
@@ -99,6 +99,8 @@ class Contribution:
         loss_before: Client-reported loss before applying its update.
         loss_after: Client-reported loss after applying its update.
         pairs: ``(seed, projected-gradient scalar)`` pairs exactly as sent.
+        learning_rate: the client's own rate for the round (personalised learning rates,
+            :mod:`coordinator.personal_lr`), or None: the federation's rate.
     """
 
     client_id: str
@@ -106,6 +108,7 @@ class Contribution:
     loss_before: float
     loss_after: float
     pairs: tuple[tuple[int, float], ...]
+    learning_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ CREATE TABLE contributions (
     loss_before  REAL    NOT NULL,
     loss_after   REAL    NOT NULL,
     pairs_json   TEXT    NOT NULL,
+    learning_rate REAL,
     PRIMARY KEY (round, position),
     UNIQUE (round, client_id)
 ) WITHOUT ROWID;
@@ -286,9 +290,19 @@ def _validate_contributions(contributions: Sequence[Contribution]) -> list[Contr
                 loss_before=_check_real(contrib.loss_before, f"{where} loss_before"),
                 loss_after=_check_real(contrib.loss_after, f"{where} loss_after"),
                 pairs=tuple(pairs),
+                learning_rate=_check_rate(contrib.learning_rate, f"{where} learning_rate"),
             )
         )
     return out
+
+
+def _check_rate(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    rate = _check_real(value, where)
+    if not rate > 0:
+        raise LedgerError(f"{where}: {rate!r} must be > 0")
+    return rate
 
 
 def _weighted_mean(values: Iterable[tuple[int, float]]) -> float | None:
@@ -453,8 +467,11 @@ class Ledger:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 raise LedgerError(f"{self._path!r} has no schema_version; not a ledger")
-            if row[0] == "1":  # additive migration: nothing of version 1 changes
-                conn.execute(_ADAPTIVE_SETTINGS_TABLE)
+            if row[0] in ("1", "2"):  # additive migrations: nothing of the older version changes
+                if row[0] == "1":
+                    conn.execute(_ADAPTIVE_SETTINGS_TABLE)
+                # Version 3: a contribution's own learning rate (NULL: the federation's).
+                conn.execute("ALTER TABLE contributions ADD COLUMN learning_rate REAL")
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 return
             if row[0] != str(SCHEMA_VERSION):
@@ -598,9 +615,9 @@ class Ledger:
             )
             conn.executemany(
                 "INSERT INTO contributions (round, position, client_id, num_examples,"
-                " loss_before, loss_after, pairs_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " loss_before, loss_after, pairs_json, learning_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(round, i, c.client_id, c.num_examples, c.loss_before, c.loss_after,
-                  _encode_pairs(c.pairs)) for i, c in enumerate(contribs)],
+                  _encode_pairs(c.pairs), c.learning_rate) for i, c in enumerate(contribs)],
             )
 
         return CommittedRound(
@@ -692,7 +709,7 @@ class Ledger:
             if conn.execute("SELECT 1 FROM rounds WHERE round = ?", (round,)).fetchone() is None:
                 raise RoundNotFound(f"round {round} is not committed in {self._path!r}")
             rows = conn.execute(
-                "SELECT client_id, num_examples, loss_before, loss_after, pairs_json"
+                "SELECT client_id, num_examples, loss_before, loss_after, pairs_json, learning_rate"
                 " FROM contributions WHERE round = ? ORDER BY position",
                 (round,),
             ).fetchall()
@@ -703,8 +720,9 @@ class Ledger:
                 loss_before=float(lb),
                 loss_after=float(la),
                 pairs=_decode_pairs(pairs),
+                learning_rate=None if rate is None else float(rate),
             )
-            for cid, n, lb, la, pairs in rows
+            for cid, n, lb, la, pairs, rate in rows
         ]
 
     # -------------------------------------------------------------------- tables

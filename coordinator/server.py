@@ -46,6 +46,7 @@ from coordinator.allowlist import (
 )
 from coordinator.config import FederationConfig
 from coordinator.ledger import Contribution, Ledger, LedgerError
+from coordinator.personal_lr import ClientStatistics, personalised_rates
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
 from protocol.messages import (
@@ -155,6 +156,14 @@ class Coordinator:
         self.config = config
         self.ledger = ledger
         self.adaptive = AdaptiveSettings(config.modes, ledger)  # per-client tuned mode settings
+        # FedMeZO's personalised rates read every client's recent contributions.
+        self.statistics: ClientStatistics | None = None
+        if config.personalised_lr != "off":
+            self.statistics = ClientStatistics(config.personalised_lr)
+            for committed in range(1, ledger.last_round() + 1):
+                for contribution in ledger.contributions(committed):
+                    self.statistics.observe(contribution.client_id, contribution.loss_after,
+                                            [value for _, value in contribution.pairs])
         for key, value in config.identity().items():
             ledger.set_meta_once(key, value)
         if config.pool_key is not None:
@@ -327,14 +336,25 @@ class Coordinator:
         indices = rng.sample(range(self.config.seed_pool_size), count)
         return [pool_seed(self.pool_key, index) for index in indices]
 
-    def _task_for(self, session: ClientSession, round_number: int, attempt: int, seeds: list[int]) -> RoundTask:
-        """The client's task: the first ``seeds_for_mode`` seeds of the attempt and its
-        mode's settings (PROTOCOL.md §6.11)."""
+    def _rates_for(self, chosen: list[ClientSession]) -> dict[str, float]:
+        """The chosen clients' personalised learning rates (empty when they are off)."""
+        if self.statistics is None:
+            return {}
+        ids = [session.client_id for session in chosen]
+        return personalised_rates(self.config.learning_rate, self.config.personalised_lr_spread, ids,
+                                  self.statistics.values(ids))
+
+    def _task_for(self, session: ClientSession, round_number: int, attempt: int, seeds: list[int],
+                  learning_rate: float | None = None) -> RoundTask:
+        """The client's task: the first ``seeds_for_mode`` seeds of the attempt, its
+        learning rate (its personalised one, else the federation's) and its mode's
+        settings (PROTOCOL.md §6.11)."""
         config = self.config
         return RoundTask(
             round=round_number, attempt=attempt, base_round=round_number - 1,
             seeds=tuple(seeds[:config.seeds_for_mode(session.mode)]),
-            learning_rate=config.learning_rate, epsilon=config.epsilon, batch_size=config.batch_size,
+            learning_rate=config.learning_rate if learning_rate is None else learning_rate,
+            epsilon=config.epsilon, batch_size=config.batch_size,
             max_seq_len=config.max_seq_len, scope=config.scope, deadline_s=config.deadline_s,
             settings=tuple({**config.settings_for_mode(session.mode),
                             **self.adaptive.assign(session.client_id, session.mode, round_number)}.items()),
@@ -347,7 +367,9 @@ class Coordinator:
         chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
         # As many seeds as the chosen clients' modes need; each client gets a prefix.
         seeds = self._seeds_for(round_number, attempt, max(config.seeds_for_mode(s.mode) for s in chosen))
-        tasks = {session.client_id: self._task_for(session, round_number, attempt, seeds) for session in chosen}
+        rates = self._rates_for(chosen)
+        tasks = {session.client_id: self._task_for(session, round_number, attempt, seeds, rates.get(session.client_id))
+                 for session in chosen}
         quorum = min(config.commit_quorum, len(chosen))
         machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum,
                                client_seeds={cid: task.seeds for cid, task in tasks.items()})
@@ -355,7 +377,8 @@ class Coordinator:
         if self.first_task_at is None:
             self.first_task_at = time.time()
         logger.info("round %d attempt %d: %d seeds to %s", round_number, attempt, len(seeds),
-                    ", ".join(f"{s.client_id} ({s.mode}, {len(tasks[s.client_id].seeds)})" for s in chosen))
+                    ", ".join(f"{s.client_id} ({s.mode}, {len(tasks[s.client_id].seeds)}"
+                              + (f", lr {rates[s.client_id]:.3g})" if rates else ")") for s in chosen))
         for session in chosen:
             session.busy_round = round_number
         self._assigned = {session.client_id: session for session in chosen}
@@ -383,14 +406,17 @@ class Coordinator:
         # answer were handed would commit zeros that every client must still apply.
         answered = machine.seeds[:max(len(update.pairs) for update in updates)]
         try:
-            report = aggregate_with_report(answered, updates, config.learning_rate, config.aggregation_rule)
+            report = aggregate_with_report(answered, updates, config.learning_rate, config.aggregation_rule,
+                                           rate_scales={cid: rate / config.learning_rate for cid, rate in rates.items()})
         except TableError as error:
             logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
             self._release(chosen)
             return False
         log_report(report)
         contributions = [
-            Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after, tuple(u.pairs)) for u in updates
+            Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after, tuple(u.pairs),
+                         learning_rate=rates.get(u.client_id))
+            for u in updates
         ]
         try:
             record = self.ledger.commit_round(round_number, attempt, report.coefficients, contributions)
@@ -401,6 +427,9 @@ class Coordinator:
             self._release(chosen)
             return False
         machine.committed()
+        if self.statistics is not None:
+            for update in updates:
+                self.statistics.observe(update.client_id, update.loss_after, [value for _, value in update.pairs])
         # Before the commit goes out: its frame, and all that follows, belongs to the next round.
         self._meter_round(round_number, {u.client_id for u in updates}, report.values_min, report.robust)
         self._release(chosen)

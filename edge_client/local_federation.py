@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the coordinator's learning rate: MeZO's step size; a ferret client's SGD rate is "
                              "this x ferret-seeds / ferret-steps")
     parser.add_argument("--epsilon", type=float, default=1e-3)
+    parser.add_argument("--personalised-lr", default="off", choices=["off", "last_loss", "mean_loss", "update_size"],
+                        help="FedMeZO's personalised client-wise learning rates, from each client's statistic "
+                             "(PROTOCOL.md §8.2; default off: one rate)")
+    parser.add_argument("--personalised-lr-spread", type=float, default=0.5,
+                        help="personalised rates stay within --learning-rate x (1 +- this)")
     parser.add_argument("--seed-pool-size", type=int, default=16384)
     parser.add_argument("--rebase-every", type=int, default=4)
     parser.add_argument("--pool-key", type=int, default=1,
@@ -328,6 +333,7 @@ def coordinator_command(args: argparse.Namespace, model_hash: str, run_dir: Path
         "--rounds", str(args.rounds), "--scope", args.scope, "--local-steps", str(args.local_steps),
         "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
         "--learning-rate", str(args.learning_rate), "--epsilon", str(args.epsilon),
+        "--personalised-lr", args.personalised_lr, "--personalised-lr-spread", str(args.personalised_lr_spread),
         "--seed-pool-size", str(args.seed_pool_size), "--rebase-every", str(args.rebase_every),
         *(["--pool-key", str(args.pool_key)] if args.pool_key >= 0 else []),
         "--aggregation", args.aggregation,

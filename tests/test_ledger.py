@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import signal
@@ -410,6 +411,7 @@ def test_a_version_1_ledger_gains_the_adaptive_settings_table_and_keeps_its_roun
     with Ledger(path) as led:
         led.commit_round(1, 0, [(5, 0.25)], [])
         led._conn.execute("DROP TABLE adaptive_settings")  # type: ignore[union-attr]
+        led._conn.execute("ALTER TABLE contributions DROP COLUMN learning_rate")  # type: ignore[union-attr]
         led._conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # type: ignore[union-attr]
     with Ledger(path) as led:
         assert led.get_meta("schema_version") == str(ledger_mod.SCHEMA_VERSION)
@@ -420,6 +422,24 @@ def test_a_version_1_ledger_gains_the_adaptive_settings_table_and_keeps_its_roun
     with Ledger(path) as led:
         assert led.adaptive_state("a", "droppeft") == {"arms": [3]}
         assert led.adaptive_state("b", "droppeft") is None
+
+
+def test_a_version_2_ledger_gains_the_contributions_learning_rate_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    old = ledger_mod.Contribution("a", 4, 2.0, 1.5, ((5, 0.5),))
+    with Ledger(path) as led:
+        led.commit_round(1, 0, [(5, 0.25)], [old])
+        led._conn.execute("ALTER TABLE contributions DROP COLUMN learning_rate")  # type: ignore[union-attr]
+        led._conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")  # type: ignore[union-attr]
+    with Ledger(path) as led:
+        assert led.get_meta("schema_version") == str(ledger_mod.SCHEMA_VERSION)
+        assert led.contributions(1) == [old]  # learning_rate None: the federation's rate
+        rated = dataclasses.replace(old, learning_rate=1.5e-6)
+        led.commit_round(2, 0, [(6, 0.5)], [rated])
+    with Ledger(path) as led:
+        assert led.contributions(2) == [rated]
+        with pytest.raises(ledger_mod.LedgerError, match="learning_rate"):
+            led.commit_round(3, 0, [(7, 0.5)], [dataclasses.replace(old, learning_rate=0.0)])
 
 
 def test_garbage_file_is_reported_corrupt(tmp_path: Path) -> None:
