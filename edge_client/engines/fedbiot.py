@@ -38,8 +38,9 @@ from edge_client.scope import ScopeConfig, ScopeError, build_space
 from edge_client.space import Distribution, ParameterSpace
 from profiles.chooser import PolicyEntry
 
-__all__ = ["FedBiOTSettings", "FedBiOTEngine", "EmulatorTraining", "check_emulator_hash", "EMULATOR_QUANTIZATIONS", "resolve_quantization", "load_client_emulator",
-           "emulator_layer_map", "emulator_shape_config"]
+__all__ = ["FedBiOTSettings", "FedBiOTEngine", "EmulatorTraining", "check_emulator_settings",
+           "EMULATOR_QUANTIZATIONS", "resolve_quantization", "load_client_emulator", "emulator_layer_map",
+           "emulator_shape_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,7 @@ class FedBiOTSettings(FerretSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.proximal) and self.proximal >= 0):
-            raise SettingsError(f"proximal must be a finite number >= 0, got {self.proximal}")
-        check_emulator_hash(self.emulator_hash)
+        check_emulator_settings(self.proximal, self.emulator_hash)
 
 
 def resolve_quantization(setting: str, device: str, *, int8_fits: bool = False) -> tuple[str | None, str]:
@@ -190,9 +189,27 @@ class EmulatorTraining:
                 parameter.requires_grad_(True)
         return model, space
 
+    # The dtype of the proximal term's round-start copy of the space.
+    round_start_dtype = torch.float32
+
     def _remember_emulator(self, model: torch.nn.Module, settings: Any) -> None:
         self.manifest: dict[str, Any] | None = getattr(model, _MANIFEST_ATTRIBUTE, None)
+        self._round_start: torch.Tensor | None = None
         self._check_emulator(settings)
+
+    def update_settings(self, settings: Any) -> None:
+        self._check_emulator(settings)
+        super().update_settings(settings)  # type: ignore[misc]
+
+    def train_round(self, plan: Any, data: Any, progress: Any = None) -> Any:
+        """The engine's round, holding the space's round start for the proximal term."""
+        space: ParameterSpace = self.space  # type: ignore[attr-defined]
+        proximal = self.settings.proximal  # type: ignore[attr-defined]
+        self._round_start = space.flat.detach().to(self.round_start_dtype, copy=True) if proximal > 0 else None
+        try:
+            return super().train_round(plan, data, progress)  # type: ignore[misc]
+        finally:
+            self._round_start = None
 
     def _check_emulator(self, settings: Any) -> None:
         if settings.emulator_hash is None or self.manifest is None:
@@ -204,8 +221,11 @@ class EmulatorTraining:
                                 f"(or rebuild it with edgefed-emulator build) and restart")
 
 
-def check_emulator_hash(emulator_hash: str | None) -> None:
-    """Raise :class:`SettingsError` unless ``emulator_hash`` is None or 64 lowercase hex."""
+def check_emulator_settings(proximal: float, emulator_hash: str | None) -> None:
+    """Raise :class:`SettingsError` unless ``proximal`` is finite and >= 0 and
+    ``emulator_hash`` is None or 64 lowercase hex characters."""
+    if not (math.isfinite(proximal) and proximal >= 0):
+        raise SettingsError(f"proximal must be a finite number >= 0, got {proximal}")
     if emulator_hash is not None and (len(emulator_hash) != 64 or
                                       any(c not in "0123456789abcdef" for c in emulator_hash)):
         raise SettingsError(f"emulator_hash must be 64 lowercase hex characters, got {emulator_hash!r}")
@@ -223,20 +243,7 @@ class FedBiOTEngine(EmulatorTraining, FerretEngine):
 
     def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: FedBiOTSettings | None = None) -> None:
         super().__init__(model, space, settings)
-        self._round_start: torch.Tensor | None = None
         self._remember_emulator(model, self.settings)
-
-    def update_settings(self, settings: FedBiOTSettings) -> None:  # type: ignore[override]
-        self._check_emulator(settings)
-        super().update_settings(settings)
-
-    def train_round(self, plan, data, progress=None):  # type: ignore[no-untyped-def]
-        settings: FedBiOTSettings = self.settings  # type: ignore[assignment]
-        self._round_start = self.space.flat.detach().clone() if settings.proximal > 0 else None
-        try:
-            return super().train_round(plan, data, progress)
-        finally:
-            self._round_start = None
 
     def _loss_backward(self, batch):  # type: ignore[no-untyped-def]
         """Ferret's data loss and gradient, plus the proximal term's gradient

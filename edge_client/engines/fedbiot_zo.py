@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from edge_client.engines.base import EngineError, SettingsError
-from edge_client.engines.fedbiot import EmulatorTraining, check_emulator_hash
+from edge_client.engines.base import EngineError
+from edge_client.engines.fedbiot import EmulatorTraining, check_emulator_settings
 from edge_client.engines.mezo import MeZOEngine, MeZOSettings
 from edge_client.space import ParameterSpace
 from profiles.chooser import PolicyEntry
@@ -48,9 +48,7 @@ class FedBiOTZOSettings(MeZOSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.proximal) and self.proximal >= 0):
-            raise SettingsError(f"proximal must be a finite number >= 0, got {self.proximal}")
-        check_emulator_hash(self.emulator_hash)
+        check_emulator_settings(self.proximal, self.emulator_hash)
 
 
 class FedBiOTZOEngine(EmulatorTraining, MeZOEngine):
@@ -63,26 +61,14 @@ class FedBiOTZOEngine(EmulatorTraining, MeZOEngine):
     policy = PolicyEntry("fedbiot_zo", "quantised layer-dropped emulator + adapter, zeroth-order", 60, "emulator",
                          {"base_bits": 4, "adapter_layers": 2, "optimizer": "zo"})
     space_takes_gradients = False
+    # The adapter is small (LoRA on 2-4 layers): a float64 round start costs little and
+    # keeps the difference of the two perturbed points' proximal terms exact to float32.
+    round_start_dtype = torch.float64
 
     def __init__(self, model: torch.nn.Module, space: ParameterSpace, settings: FedBiOTZOSettings | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, space, settings, **kwargs)
-        self._round_start: torch.Tensor | None = None
         self._remember_emulator(model, self.settings)
-
-    def update_settings(self, settings: FedBiOTZOSettings) -> None:  # type: ignore[override]
-        self._check_emulator(settings)
-        super().update_settings(settings)
-
-    def train_round(self, plan, data, progress=None):  # type: ignore[no-untyped-def]
-        settings: FedBiOTZOSettings = self.settings  # type: ignore[assignment]
-        # The adapter is small (LoRA on 2-4 layers): a float64 copy costs little and keeps
-        # the difference of the two perturbed points' proximal terms exact to float32.
-        self._round_start = self.space.flat.detach().double() if settings.proximal > 0 else None
-        try:
-            return super().train_round(plan, data, progress)
-        finally:
-            self._round_start = None
 
     def _objective(self, batch: Any) -> float:
         value = self._loss(batch)
