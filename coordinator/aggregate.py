@@ -202,7 +202,7 @@ def aggregate_with_report(seeds: Sequence[int], updates: Sequence[Update], learn
         TableError: a coefficient that overflows float32.
 
     A seed's values are those of the updates that carry it: a client is handed a prefix
-    of the round's seeds, as many as its mode takes.
+    of the round's seeds, as many as its mode takes, or (a block client) its block's.
     """
     rule = as_rule(rule)
     if not updates:

@@ -36,6 +36,13 @@ Example (every key optional except where noted)::
     adapt = "dropout_ratio"     # a setting the coordinator tunes per client with a bandit
     adapt_values = [0.1, 0.25]        # (coordinator/adaptive.py)
 
+    [modes.fedcybgd]            # cyclic block updates; the table's presence offers the mode
+    blocks = 30                 # required: decoder layers of the model (blocks 0..blocks-1)
+    block_order = "ascending"   # or "descending", "random" (coordinator/blocks.py)
+    outer_block = false         # true: the embedding/norm/head are a block too (full scope)
+    block_seeds = 256           # seeds per block (FederationInfo.block_seeds, PROTOCOL.md §5.5)
+    seeds = 64                  # of them, each client's per round
+
     [rounds]
     clients_per_round = 3
     quorum = 3                  # updates to commit at the deadline; default: default_quorum()
@@ -64,10 +71,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.blocks import ORDERS, BlockSchedule, schedule_blocks
 from coordinator.aggregate import ROBUST_METHODS, ROBUST_MIN_VALUES, AggregationRule, RuleError
 from coordinator.personal_lr import STATISTICS
 from coordinator.tls import TlsError, check_transport
 from protocol import limits
+from protocol.blocks import MAX_BLOCK_SEEDS, OUTER_BLOCK
 from protocol.messages import InvalidMessage, SettingsKind
 from protocol.values import ValueEncodingError, encoding_of
 
@@ -219,10 +228,17 @@ class FederationConfig:
             raise bad("rebase_every", f"must be between 1 and {limits.MAX_SYNC_ROUNDS}")
         self._check_modes()
         most = self.max_seeds_per_round
-        if self.seed_pool_size + (self.rebase_every - 1) * most > MAX_SYNC_PAIRS:
-            raise bad("rebase_every", f"a sync (seed_pool_size + (rebase_every - 1) * seeds per round = "
-                      f"{self.seed_pool_size + (self.rebase_every - 1) * most} pairs) must fit one "
-                      f"frame: at most {MAX_SYNC_PAIRS} pairs")
+        if most > limits.MAX_SEEDS_PER_ROUND:
+            raise ConfigError(f"modes.{BLOCK_MODE}.seeds: a round's seeds (the most a mode takes, plus each of "
+                              f"clients_per_round block clients' own) come to {most}, more than a round holds "
+                              f"({limits.MAX_SEEDS_PER_ROUND})")
+        if self.table_capacity > limits.MAX_TABLE_ENTRIES:
+            raise ConfigError(f"modes.{BLOCK_MODE}.block_seeds: the seed table could hold {self.table_capacity} "
+                              f"entries (pool and every block's seeds), more than {limits.MAX_TABLE_ENTRIES}")
+        if self.table_capacity + (self.rebase_every - 1) * most > MAX_SYNC_PAIRS:
+            raise bad("rebase_every", f"a sync (the table's {self.table_capacity} entries + (rebase_every - 1) * "
+                      f"seeds per round = {self.table_capacity + (self.rebase_every - 1) * most} pairs) must fit "
+                      f"one frame: at most {MAX_SYNC_PAIRS} pairs")
         if self.scope == "lora":
             if not 1 <= self.lora_rank <= limits.MAX_LORA_RANK:
                 raise bad("lora_rank", f"must be between 1 and {limits.MAX_LORA_RANK}")
@@ -281,7 +297,12 @@ class FederationConfig:
             if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= limits.MAX_SEEDS_PER_ROUND:
                 raise ConfigError(f"modes.{mode}.seeds: must be an integer between 1 and "
                                   f"{limits.MAX_SEEDS_PER_ROUND} (got {seeds!r})")
-            if seeds > self.seed_pool_size:
+            if mode == BLOCK_MODE:
+                self._check_block_table(table, seeds)
+            elif any(key in table for key in _BLOCK_KEYS):
+                raise ConfigError(f"modes.{mode}: {', '.join(sorted(_BLOCK_KEYS & table.keys()))} belong to "
+                                  f"[modes.{BLOCK_MODE}]")
+            elif seeds > self.seed_pool_size:
                 raise ConfigError(f"modes.{mode}.seeds: cannot exceed seed_pool_size ({self.seed_pool_size}); "
                                   "seeds in a round are distinct")
             try:
@@ -308,6 +329,50 @@ class FederationConfig:
             except InvalidMessage as error:
                 raise ConfigError(str(error)) from None
 
+    def _check_block_table(self, table: Mapping[str, Any], seeds: int) -> None:
+        where = f"modes.{BLOCK_MODE}"
+        layers = table.get("blocks")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= OUTER_BLOCK:
+            raise ConfigError(f"{where}.blocks: the model's number of decoder layers is required, an integer "
+                              f"between 1 and {OUTER_BLOCK - 1} (got {layers!r})")
+        order = table.get("block_order", "ascending")
+        if order not in ORDERS:
+            raise ConfigError(f"{where}.block_order: must be one of {', '.join(ORDERS)} (got {order!r})")
+        if not isinstance(table.get("outer_block", False), bool):
+            raise ConfigError(f"{where}.outer_block: expected true or false (got {table['outer_block']!r})")
+        if table.get("outer_block") and self.scope != "full":
+            raise ConfigError(f"{where}.outer_block: only the full scope has parameters outside the decoder layers")
+        if not self._scheduled_blocks(table):
+            raise ConfigError(f"{where}.blocks: none of the decoder layers 0..{layers - 1} is in lora_layers, so "
+                              "there is no block to train")
+        per_block = table.get("block_seeds", DEFAULT_BLOCK_SEEDS)
+        if isinstance(per_block, bool) or not isinstance(per_block, int) or not 1 <= per_block <= MAX_BLOCK_SEEDS:
+            raise ConfigError(f"{where}.block_seeds: must be an integer between 1 and {MAX_BLOCK_SEEDS} "
+                              f"(got {per_block!r})")
+        if seeds > per_block:
+            raise ConfigError(f"{where}.seeds: cannot exceed block_seeds ({per_block}); a client's seeds are "
+                              "distinct seeds of its block")
+
+    @property
+    def block_seeds(self) -> int:
+        """Seeds per block (FederationInfo.block_seeds): 0 unless cyclic block updates are offered."""
+        table = self.modes.get(BLOCK_MODE)
+        return 0 if table is None else int(table.get("block_seeds", DEFAULT_BLOCK_SEEDS))
+
+    def block_schedule(self) -> BlockSchedule | None:
+        """The cyclic schedule of the block mode's clients, or None when it is not offered."""
+        table = self.modes.get(BLOCK_MODE)
+        if table is None:
+            return None
+        return BlockSchedule(self._scheduled_blocks(table), table.get("block_order", "ascending"),
+                             seed=self.federation_id)
+
+    def _scheduled_blocks(self, table: Mapping[str, Any]) -> list[int]:
+        """The blocks of the space: its decoder layers (only lora_layers where the scope
+        restricts them), then the outer block when configured."""
+        blocks = schedule_blocks(int(table["blocks"]), bool(table.get("outer_block", False)))
+        return [block for block in blocks if block in self.lora_layers] if self.lora_layers else blocks
+
     def seeds_for_mode(self, mode: str) -> int:
         """How many seeds a client of ``mode`` gets each round."""
         return int(self.modes.get(mode, {}).get("seeds", self.local_steps))
@@ -320,7 +385,18 @@ class FederationConfig:
     def max_seeds_per_round(self) -> int:
         """The most seeds an attempt can hand out (the attempt takes the most its chosen
         clients' modes need)."""
-        return max([self.local_steps, *(self.seeds_for_mode(mode) for mode in self.modes)])
+        whole_space = max([self.local_steps, *(self.seeds_for_mode(mode) for mode in self.modes if mode != BLOCK_MODE)])
+        # Block clients get seeds of their own block each, after the attempt's others.
+        blocks = self.clients_per_round * self.seeds_for_mode(BLOCK_MODE) if BLOCK_MODE in self.modes else 0
+        return whole_space + blocks
+
+    @property
+    def table_capacity(self) -> int:
+        """The most entries the seed table can hold: the pool and every block's seeds."""
+        table = self.modes.get(BLOCK_MODE)
+        if table is None:
+            return self.seed_pool_size
+        return self.seed_pool_size + len(self._scheduled_blocks(table)) * self.block_seeds
 
     @property
     def commit_quorum(self) -> int:
@@ -352,6 +428,8 @@ class FederationConfig:
             "perturbation": self.perturbation,
             "rebase_every": str(self.rebase_every),
             "seed_pool_size": str(self.seed_pool_size),
+            # Which seeds are block seeds (PROTOCOL.md §5.5) is part of the model's definition.
+            "block_seeds": str(self.block_seeds),
         }
 
 
@@ -367,7 +445,11 @@ def default_quorum(aggregation: str, clients_per_round: int) -> int:
 
 
 # Keys of a [modes.<name>] table that the coordinator reads itself (not sent to clients).
-_COORDINATOR_KEYS = frozenset({"seeds", "adapt", "adapt_values"})
+_BLOCK_KEYS = frozenset({"blocks", "block_order", "outer_block", "block_seeds"})
+_COORDINATOR_KEYS = frozenset({"seeds", "adapt", "adapt_values"}) | _BLOCK_KEYS
+# The mode whose clients train one block at a time (edge_client/engines/fedcybgd.py).
+BLOCK_MODE = "fedcybgd"
+DEFAULT_BLOCK_SEEDS = 256
 
 # AggregationRule parameter -> the FederationConfig field that sets it
 _RULE_FIELDS: dict[str, str] = {

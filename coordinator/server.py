@@ -44,7 +44,7 @@ from coordinator.allowlist import (
     verify_hello,
     verify_update,
 )
-from coordinator.config import FederationConfig
+from coordinator.config import BLOCK_MODE, FederationConfig
 from coordinator.ledger import Contribution, Ledger, LedgerError
 from coordinator.personal_lr import ClientStatistics, personalised_rates
 from protocol import codec, limits
@@ -72,6 +72,7 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.round import RoundMachine, RoundState, UpdateRefused
+from protocol.blocks import block_seed, block_seed_map
 from protocol.seeds import pool_seed
 from protocol.table import TableError, table_digest
 
@@ -104,6 +105,7 @@ class ClientSession:
     mode: str
     round: int  # the last round this client holds (reported by fingerprint or hello)
     plan: str | None = None  # the client's own account of its mode, batch and memory
+    blocks: tuple[int, ...] = ()  # a block client's: the blocks its memory can train (empty: any)
     challenge: Challenge | None = None  # sent on this connection; signatures are bound to it
     public_key: bytes | None = None  # proved by the hello (allow-list mode): updates must verify with it
     connected_at: float = field(default_factory=time.time)
@@ -179,6 +181,8 @@ class Coordinator:
         # client_id -> (wire bytes of the rounds it trained, rounds it trained), in this process
         self._client_wire: dict[str, tuple[int, int]] = {}
         self._assigned: dict[str, ClientSession] = {}
+        self._blocks: dict[str, int] = {}  # the open attempt's block clients -> their blocks
+        self._last_blocks: dict[str, int] = {}  # every block client's latest block (/status)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()  # any session / round change wakes the driver
         self._stopping = asyncio.Event()
@@ -213,7 +217,12 @@ class Coordinator:
             local_steps=config.local_steps,
             batch_size=config.batch_size,
             max_seq_len=config.max_seq_len,
+            block_seeds=config.block_seeds,
         )
+        # Cyclic block updates (FedCyBGD): which block each block client trains.
+        self.block_schedule = config.block_schedule()
+        if self.block_schedule is not None:
+            self._check_block_seeds()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -336,6 +345,22 @@ class Coordinator:
         indices = rng.sample(range(self.config.seed_pool_size), count)
         return [pool_seed(self.pool_key, index) for index in indices]
 
+    def _block_seeds_for(self, round_number: int, attempt: int, block: int, count: int) -> list[int]:
+        """``count`` distinct seeds of ``block``'s (PROTOCOL.md §5.5), drawn for the attempt;
+        clients given the same block in an attempt get the same seeds."""
+        rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}:block:{block}")
+        indices = rng.sample(range(self.config.block_seeds), count)
+        return [block_seed(self.config.federation_id, block, index) for index in indices]
+
+    def _check_block_seeds(self) -> None:
+        """Refuse to start where a pool seed is also a block seed (about n²/2⁶⁴: it would
+        give that seed two directions)."""
+        assert self.block_schedule is not None
+        pool = {pool_seed(self.pool_key, index) for index in range(self.config.seed_pool_size)}
+        blocks = block_seed_map(self.config.federation_id, self.block_schedule.blocks, self.config.block_seeds)
+        if pool & blocks.keys():
+            raise ValueError("a seed of the pool is also a block seed; choose another pool_key")
+
     def _rates_for(self, chosen: list[ClientSession]) -> dict[str, float]:
         """The chosen clients' personalised learning rates (empty when they are off)."""
         if self.statistics is None:
@@ -350,14 +375,16 @@ class Coordinator:
         learning rate (its personalised one, else the federation's) and its mode's
         settings (PROTOCOL.md §6.11)."""
         config = self.config
+        block = self._blocks.get(session.client_id)
         return RoundTask(
             round=round_number, attempt=attempt, base_round=round_number - 1,
-            seeds=tuple(seeds[:config.seeds_for_mode(session.mode)]),
+            seeds=tuple(seeds[:config.seeds_for_mode(session.mode)] if block is None else seeds),
             learning_rate=config.learning_rate if learning_rate is None else learning_rate,
             epsilon=config.epsilon, batch_size=config.batch_size,
             max_seq_len=config.max_seq_len, scope=config.scope, deadline_s=config.deadline_s,
-            settings=tuple({**config.settings_for_mode(session.mode),
-                            **self.adaptive.assign(session.client_id, session.mode, round_number)}.items()),
+            settings=tuple(sorted({**config.settings_for_mode(session.mode),
+                                   **self.adaptive.assign(session.client_id, session.mode, round_number),
+                                   **({} if block is None else {"block": block})}.items())),
         )
 
     async def _run_attempt(self, round_number: int, attempt: int) -> bool:
@@ -366,9 +393,23 @@ class Coordinator:
         rng = random.Random(f"clients:{self.pool_key}:{round_number}:{attempt}")
         chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
         # As many seeds as the chosen clients' modes need; each client gets a prefix.
-        seeds = self._seeds_for(round_number, attempt, max(config.seeds_for_mode(s.mode) for s in chosen))
+        # Block clients (FedCyBGD) get their block's own seeds, after the others.
+        by_block = [s for s in chosen if s.mode == BLOCK_MODE and self.block_schedule is not None]
+        whole = [s for s in chosen if s not in by_block]
+        seeds = self._seeds_for(round_number, attempt, max(config.seeds_for_mode(s.mode) for s in whole)) \
+            if whole else []
+        self._blocks = ({} if self.block_schedule is None else
+                        self.block_schedule.assign([(s.client_id, s.blocks) for s in by_block]))
+        self._last_blocks.update(self._blocks)
+        block_seeds: dict[int, list[int]] = {}
+        for block in sorted(set(self._blocks.values())):
+            block_seeds[block] = self._block_seeds_for(round_number, attempt, block, config.seeds_for_mode(BLOCK_MODE))
+            seeds += block_seeds[block]
         rates = self._rates_for(chosen)
-        tasks = {session.client_id: self._task_for(session, round_number, attempt, seeds, rates.get(session.client_id))
+        tasks = {session.client_id: self._task_for(session, round_number, attempt,
+                                                   block_seeds[self._blocks[session.client_id]]
+                                                   if session.client_id in self._blocks else seeds,
+                                                   rates.get(session.client_id))
                  for session in chosen}
         quorum = min(config.commit_quorum, len(chosen))
         machine = RoundMachine(round_number, attempt, seeds, [s.client_id for s in chosen], quorum,
@@ -378,6 +419,7 @@ class Coordinator:
             self.first_task_at = time.time()
         logger.info("round %d attempt %d: %d seeds to %s", round_number, attempt, len(seeds),
                     ", ".join(f"{s.client_id} ({s.mode}, {len(tasks[s.client_id].seeds)}"
+                              + (f", block {self._blocks[s.client_id]}" if s.client_id in self._blocks else "")
                               + (f", lr {rates[s.client_id]:.3g})" if rates else ")") for s in chosen))
         for session in chosen:
             session.busy_round = round_number
@@ -402,9 +444,10 @@ class Coordinator:
                            "quorum %d", round_number, attempt, len(updates), ", ".join(sorted(flagged)), quorum)
             self._release(chosen)
             return False
-        # The seeds some received update carries: a longer prefix only clients that did not
-        # answer were handed would commit zeros that every client must still apply.
-        answered = machine.seeds[:max(len(update.pairs) for update in updates)]
+        # The seeds some received update carries: seeds only clients that did not answer
+        # were handed would commit zeros that every client must still apply.
+        carried = {seed for update in updates for seed, _ in update.pairs}
+        answered = [seed for seed in machine.seeds if seed in carried]
         try:
             report = aggregate_with_report(answered, updates, config.learning_rate, config.aggregation_rule,
                                            rate_scales={cid: rate / config.learning_rate for cid, rate in rates.items()})
@@ -601,6 +644,19 @@ class Coordinator:
                                             supported_versions=(limits.PROTOCOL_VERSION,)))
         await connection.close(1002, "unsupported version")
 
+    def _block_refusal(self, hello: Hello) -> str | None:
+        """Why a block client cannot be served (None: it can): the federation offers no
+        block mode, or the client can train none of the schedule's blocks."""
+        if hello.mode != BLOCK_MODE:
+            return None
+        if self.block_schedule is None:
+            return (f"this federation does not offer cyclic block updates (its config has no [modes.{BLOCK_MODE}] "
+                    "table); run another mode")
+        if hello.blocks and not set(hello.blocks) & set(self.block_schedule.blocks):
+            return (f"the blocks this client can train ({', '.join(map(str, hello.blocks[:8]))}) are none of the "
+                    f"federation's blocks")
+        return None
+
     async def _admit(self, connection: MeteredConnection, hello: Message, challenge: Challenge
                      ) -> ClientSession | None:
         if isinstance(hello, Goodbye):  # e.g. the task does not fit the client's memory
@@ -634,6 +690,12 @@ class Coordinator:
                                                     supported_versions=(limits.PROTOCOL_VERSION,)))
                 await connection.close(1008, "not allowed")
                 return None
+        refusal = self._block_refusal(hello)
+        if refusal is not None:
+            await self._send(connection, Reject(code="bad_hello", message=refusal,
+                                                supported_versions=(limits.PROTOCOL_VERSION,)))
+            await connection.close(1008, "bad hello")
+            return None
         previous = self.sessions.pop(hello.client_id, None)
         if previous is not None:
             logger.info("client %s reconnected; closing its previous connection", hello.client_id)
@@ -644,7 +706,7 @@ class Coordinator:
                                              last_committed_round=last))
         # Not ready (round -1) until it reports a fingerprint: hello.last_round is only a claim.
         session = ClientSession(hello.client_id, connection, hello.device, hello.mode, round=-1, plan=hello.plan,
-                                challenge=challenge,
+                                blocks=hello.blocks, challenge=challenge,
                                 public_key=hello.public_key if self.allowlist is not None else None)
         self.sessions[hello.client_id] = session
         self.gate.said_hello(connection)  # no longer one an idle flood may push out
@@ -786,6 +848,8 @@ class Coordinator:
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
                  "rounds_participated": s.rounds_participated,
                  "adaptive": self.adaptive.status(s.client_id, s.mode),
+                 # A block client's (FedCyBGD): the block of its latest task, and what its memory holds.
+                 "block": self._last_blocks.get(s.client_id), "blocks_allowed": list(s.blocks) or None,
                  "wire_bytes_up": s.connection.wire_bytes_up, "wire_bytes_down": s.connection.wire_bytes_down,
                  "wire_bytes_per_round": self._wire_bytes_per_round(s.client_id)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.client_id)

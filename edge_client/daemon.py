@@ -60,6 +60,7 @@ from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from profiles.chooser import Choice, ModeUnavailable, NoModeFits, PolicyEntry, TrainingTask, choose, policy_entry
 from profiles.estimator import ModelShape, lora_param_count
 from protocol import codec, limits
+from protocol.blocks import OUTER_BLOCK, block_seed_map
 from protocol.errors import MalformedFrame, PeerProtocolError, VersionMismatch
 from protocol.messages import (
     OBSERVER_MODE,
@@ -385,6 +386,8 @@ class EdgeClient:
                 raise FatalClientError(str(error)) from None
         else:
             self.model, space = build_space(self.model, scope, distribution=federation.perturbation)  # type: ignore[arg-type]
+        if federation.block_seeds:  # PROTOCOL.md §5.5: these seeds' directions cover one block
+            space.use_block_seeds(block_seed_map(federation.federation_id, space.blocks(), federation.block_seeds))
         where = copies_location(self.config.copies, self.report.kind, scope.kind)
         self.sync = ModelSync(space, rebase_every=federation.rebase_every, copies_where=where,
                               copies_dir=round_copy_directory(self.config.cache_dir),
@@ -403,6 +406,15 @@ class EdgeClient:
         self.federation = federation
         logger.info("federation %s: scope %s (%d trainable parameters), %d local examples",
                     federation.federation_id, scope.kind, space.numel, len(self._examples))
+
+    def _announced_blocks(self, federation: FederationInfo) -> tuple[int, ...]:
+        """For a block mode: the blocks this client's memory can train (PROTOCOL.md §5.5)."""
+        if self.engine_cls is None or not self.engine_cls.needs_block_seeds:
+            return ()
+        assert self.choice is not None and self.federation_task is not None
+        layers = list(federation.scope.lora_layers) or list(range(self.shape.layers))
+        blocks = layers + ([OUTER_BLOCK] if federation.scope.kind == "full" else [])
+        return self.engine_cls.announced_blocks(self.shape, self.federation_task, self.choice, blocks)
 
     def _settings_for(self, values: Mapping[str, object] | None) -> EngineSettings:
         """The engine's settings for a round task's ``settings`` map and our micro-batch."""
@@ -432,7 +444,7 @@ class EdgeClient:
         try:
             return plan_training(self.shape, task, self.report, copies=self.config.copies,
                                  rebase_every=federation.rebase_every, mode=self.config.mode,
-                                 emulator=self.emulator_manifest)
+                                 emulator=self.emulator_manifest, block_seeds=federation.block_seeds)
         except (NoModeFits, ModeUnavailable) as error:
             raise FatalClientError(str(error)) from None
 
@@ -595,6 +607,7 @@ class EdgeClient:
             last_round=sync.round if sync is not None else 0,
             table_digest=sync.table_digest() if sync is not None else None,
             plan=self.choice.explanation if self.choice is not None else None, public_key=None, signature=None,
+            blocks=self._announced_blocks(challenge.federation),
         )
         if self.identity is not None:
             hello = self.identity.sign_hello(challenge, hello)
@@ -817,7 +830,8 @@ def federation_scope(federation: FederationInfo) -> ScopeConfig:
 
 
 def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,
-                  rebase_every: int, mode: str, emulator: Mapping[str, Any] | None = None) -> Choice:
+                  rebase_every: int, mode: str, emulator: Mapping[str, Any] | None = None,
+                  block_seeds: int = 0) -> Choice:
     """The mode and micro-batch this client runs for ``task`` on the device of ``report``.
 
     The one decision behind both the daemon and ``edgefed-client --plan``, so the plan
@@ -837,6 +851,8 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
             model, or None: the modes that train through one are offered only then,
             ranked last (the chooser takes them when nothing else fits), their memory
             modelled with this emulator's share of kept layers.
+        block_seeds: the federation's seeds per block (FederationInfo.block_seeds): the
+            block modes are offered only where it has them (0: it does not schedule blocks).
 
     Raises:
         NoModeFits: nothing fits, or the forced mode does not.
@@ -848,8 +864,13 @@ def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *
         copy_count = 1 + (rebase_every > 1)
         extra["round_copies"] = copy_count * trainable * 4  # float32
     forced = None if mode == "auto" else mode
+    if forced is not None and get_engine(forced).needs_block_seeds and not block_seeds:
+        raise ModeUnavailable(f"mode {forced!r} trains one block at a time with its block's seeds, and this "
+                              f"federation does not offer cyclic block updates (its coordinator's config has no "
+                              f"[modes.{forced}] table); run another mode")
     policy = [entry if not get_engine(entry.mode).needs_emulator else _emulator_entry(entry, emulator)
-              for entry in engine_policy() if emulator is not None or not get_engine(entry.mode).needs_emulator]
+              for entry in engine_policy() if emulator is not None or not get_engine(entry.mode).needs_emulator
+              if block_seeds or not get_engine(entry.mode).needs_block_seeds]
     return choose(shape, task, budget_bytes=report.budget_bytes, headroom=report.headroom,
                   policy=policy, forced=forced, budget_source=report.budget_source, extra=extra)
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "0.9 GiB, MeZO below)")
     parser.add_argument("--mode", default="auto",
                         help="auto (each client's chooser decides) or a mode every client must run (mezo, ferret, "
-                             "droppeft, fedbiot, fedbiot_zo)")
+                             "droppeft, fedcybgd, fedbiot, fedbiot_zo)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="builtin name, .gguf file, HF model directory or hub id (with internet)")
@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--droppeft-ratios", type=_ratios, default=(0.1, 0.25),
                         help="layer-dropout ratios a droppeft client may get, comma-separated: the "
                              "coordinator's bandit picks among several per client; one value is fixed")
+    parser.add_argument("--blocks", action="store_true",
+                        help="offer cyclic block updates (FedCyBGD): the coordinator schedules blocks, and a client "
+                             "whose chooser picks fedcybgd (where neither ferret nor droppeft fits) trains one decoder "
+                             "layer a round; implied by --mode fedcybgd")
+    parser.add_argument("--block-seeds", type=int, default=256,
+                        help="seeds per round for a cyclic-block (fedcybgd) client, all of its block's; each "
+                             "block has 2x this many (PROTOCOL.md 5.5)")
+    parser.add_argument("--block-order", default="ascending", choices=["ascending", "descending", "random"],
+                        help="the order the coordinator cycles the blocks (decoder layers) over fedcybgd clients")
     parser.add_argument("--value-encoding", default="q8", choices=["pairs", "f32", "q8"],
                         help="how ferret and droppeft clients send their scalars: q8 (one byte each, "
                              "linearly quantised), f32, or (seed, float64) pairs (PROTOCOL.md 4.3.1)")
@@ -310,6 +319,11 @@ def modes_config(args: argparse.Namespace) -> str:
     dropout = (f"dropout_ratio = {ratios[0]}\n" if len(ratios) == 1 else
                f"adapt = \"dropout_ratio\"\nadapt_values = [{', '.join(str(r) for r in ratios)}]\n")
     tables = f"[modes.ferret]\n{first_order}\n[modes.droppeft]\n{first_order}{dropout}"
+    if getattr(args, "blocks", False) or getattr(args, "mode", "auto") == "fedcybgd":
+        # fedcybgd: ferret's round over one decoder layer at a time, with that layer's seeds
+        block_steps = first_order.replace(f"seeds = {args.ferret_seeds}\n", "")
+        tables += (f"\n[modes.fedcybgd]\nblocks = {args.model_layers}\nblock_order = \"{args.block_order}\"\n"
+                   f"block_seeds = {2 * args.block_seeds}\nseeds = {args.block_seeds}\n{block_steps}")
     manifest = getattr(args, "emulator_manifest", None)
     if manifest is not None:
         # FedBiOT: every client trains the emulator's adapter layers (one space), and
@@ -398,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgefed-local: {error}", file=sys.stderr)
         return 2
     model_hash = base_weights_hash(model)
+    args.model_layers = int(model.config.num_hidden_layers)  # the block schedule's decoder layers
     del model
     args.emulator_manifest = None
     if args.emulator is not None:

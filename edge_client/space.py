@@ -24,6 +24,7 @@ import numpy as np
 import psutil
 import torch
 
+from protocol.blocks import block_of
 from protocol.perturb import Backend, apply_gaussian, apply_rademacher, padded_length
 
 __all__ = ["ParameterSpace", "SpaceError", "HostCopy", "Distribution", "round_copy_directory",
@@ -67,6 +68,8 @@ class ParameterSpace:
         self.numel = sum(e.numel for e in entries)
         self.distribution: Distribution = distribution
         self.backend: Backend = backend
+        # Block seeds (PROTOCOL.md §5.5): seed -> the space's ranges its direction covers.
+        self._block_seeds: dict[int, tuple[tuple[int, int], ...]] = {}
 
     @classmethod
     def adopt(
@@ -123,11 +126,62 @@ class ParameterSpace:
     # -- the canonical operations -------------------------------------------------
 
     def apply(self, seed: int, coefficient: float) -> None:
-        """``theta <- theta + fl32(coefficient) * z(seed)`` over the whole space."""
-        if self.distribution == "rademacher":
+        """``theta <- theta + fl32(coefficient) * z(seed)``: over the whole space, or for a
+        block seed (:meth:`use_block_seeds`) over its block only, every other element
+        untouched (PROTOCOL.md §5.5)."""
+        ranges = self._block_seeds.get(seed)
+        if ranges is not None:
+            self._apply_ranges(seed, coefficient, ranges)
+        elif self.distribution == "rademacher":
             apply_rademacher(self.flat, seed, coefficient, backend=self.backend)
         else:
             apply_gaussian(self.flat, seed, coefficient)
+
+    def _apply_ranges(self, seed: int, coefficient: float, ranges: Sequence[tuple[int, int]]) -> None:
+        # Each range's 64-aligned window gets the signs of its place in the space
+        # (first_word); only the range itself is written back, so elements beside it in
+        # the window, other blocks' or padding, keep their bits.
+        with torch.no_grad():
+            for low, high in ranges:
+                first = low // 64
+                window = self.flat[first * 64:padded_length(high)].clone()
+                apply_rademacher(window, seed, coefficient, backend="eager", first_word=first)
+                self.flat[low:high].copy_(window[low - first * 64:high - first * 64])
+
+    # -- blocks (PROTOCOL.md §5.5) ------------------------------------------------------
+
+    def blocks(self) -> list[int]:
+        """The blocks the space's tensors fall in, ascending (decoder layers, then the
+        outer block if the scope has tensors outside them)."""
+        return sorted({block_of(entry.name) for entry in self.entries})
+
+    def block_ranges(self, block: int) -> tuple[tuple[int, int], ...]:
+        """The ``[low, high)`` element ranges of ``block``'s tensors, merged where they touch."""
+        ranges: list[list[int]] = []
+        for entry in self.entries:
+            if block_of(entry.name) != block:
+                continue
+            if ranges and ranges[-1][1] == entry.offset:
+                ranges[-1][1] += entry.numel
+            else:
+                ranges.append([entry.offset, entry.offset + entry.numel])
+        return tuple((low, high) for low, high in ranges)
+
+    def use_block_seeds(self, seed_blocks: dict[int, int]) -> None:
+        """Make the seeds of ``seed_blocks`` (seed -> block, :func:`protocol.blocks.block_seed_map`)
+        block seeds: :meth:`apply` restricts their directions to their blocks.
+
+        Raises:
+            SpaceError: a Gaussian space (block directions are defined for Rademacher only).
+        """
+        if seed_blocks and self.distribution != "rademacher":
+            raise SpaceError("block seeds need Rademacher directions")
+        ranges = {block: self.block_ranges(block) for block in set(seed_blocks.values())}
+        self._block_seeds = {seed: ranges[block] for seed, block in seed_blocks.items()}
+
+    def block_seed_ranges(self, seed: int) -> tuple[tuple[int, int], ...] | None:
+        """The ranges a block seed's direction covers, or None for a whole-space seed."""
+        return self._block_seeds.get(seed)
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the space's ``numel`` float32 values, little-endian, in order."""

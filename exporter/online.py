@@ -123,7 +123,8 @@ def rebuild_online(url: str, model_source: str, *, round_number: int | None = No
                           lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
                           lora_init_seed=federation.scope.lora_init_seed,
                           lora_layers=tuple(federation.scope.lora_layers)),
-        perturbation=federation.perturbation, rebase_every=federation.rebase_every, last_round=event.round)
+        perturbation=federation.perturbation, rebase_every=federation.rebase_every, last_round=event.round,
+        block_seeds=federation.block_seeds)
     rebuilt = Rebuilt(model=client.model, tokenizer=client.tokenizer, space=client.sync.space, facts=facts,
                       round=event.round, fingerprint=event.fingerprint, reported=reports,
                       model_dir=Path(model_source) if os.path.exists(model_source) else model_source)

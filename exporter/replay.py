@@ -23,6 +23,7 @@ from edge_client.model import ModelLoadError, base_weights_hash, load_model, res
 from edge_client.scope import ScopeConfig, ScopeError, build_space
 from edge_client.space import ParameterSpace
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
+from protocol.blocks import block_seed_map
 from protocol.table import table_digest
 
 __all__ = ["ExportError", "LedgerFacts", "Rebuilt", "parse_scope", "read_ledger", "rebuild"]
@@ -52,6 +53,7 @@ class LedgerFacts:
     perturbation: str
     rebase_every: int
     last_round: int
+    block_seeds: int = 0  # seeds per block (PROTOCOL.md §5.5); 0: none
 
 
 @dataclass
@@ -139,9 +141,12 @@ def _facts(ledger: Ledger, path: Path) -> LedgerFacts:
         rebase_every = int(meta["rebase_every"] or "")
     except ValueError:
         raise ExportError(f"{path}: rebase_every {meta['rebase_every']!r} is not a number") from None
+    block_seeds = ledger.get_meta("block_seeds") or "0"  # a ledger from before block seeds has none
+    if not block_seeds.isdigit():
+        raise ExportError(f"{path}: block_seeds {block_seeds!r} is not a number")
     return LedgerFacts(source=str(path.absolute()), federation_id=meta["federation_id"] or "", model_hash=meta["model_hash"] or "",
                        scope=parse_scope(meta["scope"] or ""), perturbation=meta["perturbation"] or "",
-                       rebase_every=rebase_every, last_round=ledger.last_round())
+                       rebase_every=rebase_every, last_round=ledger.last_round(), block_seeds=int(block_seeds))
 
 
 def rebuild(ledger_path: str | os.PathLike[str], model_source: str, *, round_number: int | None = None,
@@ -191,6 +196,8 @@ def rebuild(ledger_path: str | os.PathLike[str], model_source: str, *, round_num
         model, space = build_space(model, facts.scope, distribution=facts.perturbation)  # type: ignore[arg-type]
     except (ScopeError, ValueError) as error:
         raise ExportError(f"cannot apply the federation's scope to the model: {error}") from None
+    if facts.block_seeds:
+        space.use_block_seeds(block_seed_map(facts.federation_id, space.blocks(), facts.block_seeds))
     sync = ModelSync(space, rebase_every=facts.rebase_every, copies_where="memory")
     try:
         sync.catch_up(base_round, table, rounds, digest,

@@ -412,7 +412,8 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
              base_dtype_bytes: int = 4, lora_rank: int = 8, chunk_tokens: int = 1024,
              label_fraction: float = 0.5, top_layers: int | None = None,
              drop_ratio: float = 0.5, block_layers: int = 1, keep_ratio: float = 0.5,
-             base_bits: int = 4, adapter_layers: int | None = None, optimizer: str = "adamw") -> Estimate:
+             base_bits: int = 4, adapter_layers: int | None = None, optimizer: str = "adamw",
+             block_index: int | None = None) -> Estimate:
     """Estimates the peak memory of one step of ``mode``, in bytes, with a breakdown.
 
     Args:
@@ -447,6 +448,12 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
             fedbiot engine's default, ferret's round) or "zo" (with ``adapter_layers``:
             the fedbiot_zo engine's MeZO step, two forwards without autograd and the
             chunked loss over the same weights).
+        block_index: block only: which block trains (one decoder layer, ``block_layers``
+            1): layer ``i`` in ``[0, layers)``, or ``layers`` for the outer block (the
+            embedding, final norm and head; full scope). Layers below the block run
+            without keeping anything for backward; those above keep what the gradient
+            needs to flow down. None: the lowest ``block_layers`` layers, the worst
+            decoder block.
 
     Raises:
         ValueError: an unknown mode or scope, a non-positive batch / seq_len /
@@ -497,6 +504,14 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
             raise ValueError(f"adapter_layers is only used by mode 'emulator' (mode is {mode!r})")
     if optimizer not in ("adamw", "sgd", "zo"):
         raise ValueError(f"optimizer must be 'adamw', 'sgd' or 'zo', got {optimizer!r}")
+    if block_index is not None:
+        if mode != "block" or block_layers != 1:
+            raise ValueError("block_index is only used by mode 'block' with block_layers 1")
+        if isinstance(block_index, bool) or not isinstance(block_index, int) or not 0 <= block_index <= shape.layers:
+            raise ValueError(f"block_index must be in [0, {shape.layers}] (layers, then the outer block), "
+                             f"got {block_index!r}")
+        if block_index == shape.layers and scope != "full":
+            raise ValueError("the outer block (block_index == layers) trains only in the full scope")
     if optimizer == "zo" and (mode != "emulator" or adapter_layers is None):
         raise ValueError("optimizer 'zo' is the emulator's zeroth-order step: mode 'emulator' with adapter_layers")
 
@@ -507,7 +522,8 @@ def estimate(shape: ModelShape, mode: str, *, batch: int, seq_len: int, scope: s
                                  top_layers=top_layers, drop_ratio=drop_ratio,
                                  block_layers=block_layers, keep_ratio=keep_ratio,
                                  base_bits=base_bits, adapter_layers=adapter_layers, optimizer=optimizer,
-                                 chunk_tokens=chunk_tokens, label_fraction=label_fraction)
+                                 chunk_tokens=chunk_tokens, label_fraction=label_fraction,
+                                 block_index=block_index)
 
     s = shape
     n_tok = batch * seq_len  # N
@@ -606,7 +622,8 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
                       base_dtype_bytes: int, lora_rank: int, top_layers: int | None,
                       drop_ratio: float, block_layers: int, keep_ratio: float,
                       base_bits: int, adapter_layers: int | None = None, optimizer: str = "adamw",
-                      chunk_tokens: int = 1024, label_fraction: float = 0.5) -> Estimate:
+                      chunk_tokens: int = 1024, label_fraction: float = 0.5,
+                      block_index: int | None = None) -> Estimate:
     """First-order steps whose layers differ: dropout, block, emulator, top_layers (and
     the emulator's zeroth-order step, which shares its weights).
 
@@ -668,6 +685,13 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
                 head_trains = True
             # AdamW's moments: every layer has been kept in some earlier step, so in a
             # steady state every trainable element has them.
+        elif mode == "block" and block_index == s.layers:
+            # The outer block: the embedding (tied head) and final norm train; every layer
+            # passes the gradient down to the embedding without gradients of its own.
+            step = optimised = s.param_count - s.layers * _layer_param_count(s)
+            resident = 0
+            layers = [("frozen", False)] * s.layers
+            head_trains = True
         elif mode == "block":
             kind = "trained" if scope == "full" else "lora"
             per = _layer_param_count(s) if scope == "full" else lora_per_layer
@@ -676,8 +700,9 @@ def _estimate_layered(shape: ModelShape, mode: str, *, batch: int, seq_len: int,
             # The worst block is the lowest: every layer above keeps what the gradient
             # needs to flow down through it, without gradients for its weights; the
             # block's gradients appear at the end of backward, after the others are freed.
-            layers = ([(kind, i == 0) for i in range(block_layers)]
-                      + [("frozen", False)] * (s.layers - block_layers))
+            # A higher block (block_index) keeps nothing for the layers below it.
+            above = s.layers - block_layers if block_index is None else s.layers - 1 - block_index
+            layers = [(kind, i == 0) for i in range(block_layers)] + [("frozen", False)] * above
         else:  # sgd / adamw over the top_layers scope
             assert top_layers is not None
             step = optimised = top_layers * _layer_param_count(s) + s.hidden  # + final norm

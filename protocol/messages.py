@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar, Union
 
 from protocol.errors import InvalidMessage, LocalProtocolError
+from protocol.blocks import MAX_BLOCK_SEEDS
 from protocol.limits import (
     MAX_EXAMPLES,
     MAX_ID_CHARS,
@@ -795,7 +796,13 @@ class FederationInfo(_Record):
         local_steps: seeds per round.
         batch_size: default examples per forward pass.
         max_seq_len: default longest token sequence.
+        block_seeds: seeds per block (PROTOCOL.md §5.5): with ``J > 0`` the first ``J``
+            block seeds of every block have their directions restricted to the block
+            (cyclic block updates, ``fedcybgd``); 0 (the default, left out of the wire
+            map): every seed's direction covers the whole space.
     """
+
+    _OMITTED_WHEN_DEFAULT: ClassVar[frozenset[str]] = frozenset({"block_seeds"})
 
     federation_id: IdField
     model_name: TextField
@@ -811,6 +818,7 @@ class FederationInfo(_Record):
     local_steps: Annotated[int, IntKind(1, MAX_SEEDS_PER_ROUND)]
     batch_size: PositiveField
     max_seq_len: PositiveField
+    block_seeds: Annotated[int, IntKind(0, MAX_BLOCK_SEEDS)] = 0
 
 
 @_schema
@@ -1101,9 +1109,12 @@ class Hello(_Record):
             estimated peak against its memory budget), or None.
         public_key: the client's Ed25519 public key (32 bytes), or None.
         signature: Ed25519 signature over the challenge (64 bytes), or None.
+        blocks: the blocks (PROTOCOL.md §5.5) a ``fedcybgd`` client's memory can train,
+            ascending; ``()`` (the default, left out of the wire map): any block.
     """
 
     TYPE: ClassVar[str] = "hello"
+    _OMITTED_WHEN_DEFAULT: ClassVar[frozenset[str]] = frozenset({"blocks"})
 
     protocol_version: VersionField
     client_id: IdField
@@ -1117,6 +1128,12 @@ class Hello(_Record):
         bytes | None, OptionalKind(BytesKind(PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES))
     ]
     signature: Annotated[bytes | None, OptionalKind(BytesKind(SIGNATURE_BYTES, SIGNATURE_BYTES))]
+    blocks: Annotated[tuple[int, ...], ListKind(IntKind(0, MAX_LAYER_INDEX), MAX_LORA_LAYERS + 1,
+                                                unique="block")] = ()
+
+    def _check(self, path: str) -> None:
+        if list(self.blocks) != sorted(self.blocks):
+            raise InvalidMessage(f"{path}.blocks", "must be in ascending order")
 
 
 @_schema

@@ -148,7 +148,7 @@ def _byte_sign_table(device: torch.device) -> torch.Tensor:
     return table
 
 
-def _apply_eager(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -> None:
+def _apply_eager(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor, first_word: int = 0) -> None:
     n_words = flat.numel() // WORD_BITS
     view = flat.view(n_words, WORD_BITS)
     signed_table = _byte_sign_table(flat.device) * coef  # exact: entries are +-coef
@@ -157,7 +157,7 @@ def _apply_eager(flat: torch.Tensor, key: torch.Tensor, coef: torch.Tensor) -> N
     byte_shifts = torch.arange(0, WORD_BITS, 8, dtype=torch.int64, device=flat.device)
     for start in range(0, n_words, EAGER_CHUNK_WORDS):
         count = min(EAGER_CHUNK_WORDS, n_words - start)
-        words = _words_tensor(key, start, count, flat.device)  # (C,)
+        words = _words_tensor(key, first_word + start, count, flat.device)  # (C,)
         byte_values = (words.unsqueeze(1) >> byte_shifts) & 0xFF  # (C, 8)
         view[start : start + count].add_(signed_table[byte_values].view(count, WORD_BITS))
 
@@ -216,7 +216,7 @@ def _check_flat(flat: torch.Tensor) -> None:
 
 
 def apply_rademacher(
-    flat: torch.Tensor, seed: int, coefficient: float, *, backend: Backend = "auto"
+    flat: torch.Tensor, seed: int, coefficient: float, *, backend: Backend = "auto", first_word: int = 0
 ) -> Kernel:
     """In place: ``flat[i] <- fl32(flat[i] + fl32(coefficient) * z(seed)[i])``.
 
@@ -227,10 +227,13 @@ def apply_rademacher(
         coefficient: rounded to float32 first; the ledger's coefficients already are.
         backend: "compiled", "eager", or "auto" (compiled for large spaces; override with
             the environment variable EDGEFED_PERTURB_BACKEND).
+        first_word: ``flat`` is a 64-aligned window of the space that starts at element
+            ``64 * first_word``: its element ``i`` takes the sign of the space's element
+            ``64 * first_word + i`` (a block's window, PROTOCOL.md §5.3). Always eager.
 
     Returns:
         the kernel that ran: "compiled", or "eager" (asked for, chosen by "auto" for a
-        small space, or the fallback where the compiled kernel cannot be built).
+        small space, a window, or the fallback where the compiled kernel cannot be built).
 
     Raises:
         PerturbationError: bad seed, tensor layout or non-finite coefficient.
@@ -242,13 +245,15 @@ def apply_rademacher(
     if not torch.isfinite(coef):
         raise PerturbationError(f"coefficient must be finite in float32, got {coefficient!r}")
     key = torch.tensor(_signed64(key_value), dtype=torch.int64, device=flat.device)
+    if isinstance(first_word, bool) or not isinstance(first_word, int) or first_word < 0:
+        raise PerturbationError(f"first_word must be an int >= 0, got {first_word!r}")
     chosen = _resolve_backend(backend, flat.numel())
     kernel: Kernel
-    if chosen == "compiled" and _apply_compiled(flat, key, coef):
+    if chosen == "compiled" and not first_word and _apply_compiled(flat, key, coef):
         kernel = "compiled"
     else:
         with torch.no_grad():
-            _apply_eager(flat, key, coef)
+            _apply_eager(flat, key, coef, first_word)
         kernel = "eager"
     _last_kernel = kernel
     return kernel
@@ -427,7 +432,7 @@ def _byte_int_sign_table(device: torch.device) -> torch.Tensor:
 
 
 def _project_eager(
-    flat: torch.Tensor, keys: Sequence[int], scale_a: torch.Tensor, scale_b: torch.Tensor
+    flat: torch.Tensor, keys: Sequence[int], scale_a: torch.Tensor, scale_b: torch.Tensor, first_word: int = 0
 ) -> list[int]:
     """Chunk by chunk: quantise the chunk once, then one signed integer sum per seed."""
     n_words = flat.numel() // WORD_BITS
@@ -444,7 +449,7 @@ def _project_eager(
         count = min(EAGER_CHUNK_WORDS, n_words - start)
         q = _quantise(view[start : start + count], scale_a, scale_b).view(-1)  # (C*64,)
         for k, key in enumerate(key_tensors):
-            words = _words_tensor(key, start, count, flat.device)  # (C,)
+            words = _words_tensor(key, first_word + start, count, flat.device)  # (C,)
             signs = table[(words.unsqueeze(1) >> byte_shifts) & 0xFF].view(-1)  # (C*64,)
             totals[k] += torch.dot(q, signs) if use_dot else (q * signs).sum()
     return [int(total) for total in totals.tolist()]
@@ -503,7 +508,7 @@ def _project_compiled(
 
 
 def project_rademacher(
-    flat: torch.Tensor, seeds: Sequence[int], *, backend: Backend = "auto"
+    flat: torch.Tensor, seeds: Sequence[int], *, backend: Backend = "auto", first_word: int = 0
 ) -> tuple[list[float], Kernel]:
     """For each seed, ``p = <flat, z(seed)> = sum_i flat[i] * z(seed)[i]``, exactly rounded
     from a fixed-point sum, so every backend and device returns the same bits.
@@ -534,6 +539,9 @@ def project_rademacher(
         seeds: one or more seeds, each 0 <= seed < 2**63.
         backend: "compiled", "eager", or "auto" (compiled for large spaces; override
             with EDGEFED_PERTURB_BACKEND), chosen as for :func:`apply_rademacher`.
+        first_word: ``flat`` is the window of the space starting at element
+            ``64 * first_word`` (as in :func:`apply_rademacher`; always eager): the
+            projection of an update that is zero outside the window.
 
     Returns:
         ``(p, kernel)``: one float per seed, in order, and the kernel that computed them
@@ -558,12 +566,14 @@ def project_rademacher(
     scale_a, scale_b = _scale_factors(exponent, flat.device)
     kernel: Kernel = "eager"
     sums = None
-    if _resolve_backend(backend, flat.numel()) == "compiled":
+    if isinstance(first_word, bool) or not isinstance(first_word, int) or first_word < 0:
+        raise PerturbationError(f"first_word must be an int >= 0, got {first_word!r}")
+    if not first_word and _resolve_backend(backend, flat.numel()) == "compiled":
         sums = _project_compiled(flat, keys, scale_a, scale_b)
         kernel = "compiled" if sums is not None else "eager"
     if sums is None:
         with torch.no_grad():
-            sums = _project_eager(flat, keys, scale_a, scale_b)
+            sums = _project_eager(flat, keys, scale_a, scale_b, first_word)
     # float(int) rounds once to nearest even; ldexp by a power of two is then exact.
     return [math.ldexp(float(total), -exponent) for total in sums], kernel
 

@@ -92,12 +92,15 @@ class RoundMachine:
         self.attempt = attempt
         self.seeds = tuple(seeds)
         self.assigned = frozenset(assigned)
-        # The seeds each client was handed: a prefix of the attempt's (its mode's count);
-        # a client not listed got them all.
+        # The seeds each client was handed: a prefix of the attempt's (its mode's count),
+        # or a block client's seeds of its block (PROTOCOL.md §5.5), in the attempt's
+        # order; a client not listed got them all.
         self.client_seeds = {cid: tuple(handed) for cid, handed in (client_seeds or {}).items()}
+        position = {seed: index for index, seed in enumerate(self.seeds)}
         for cid, handed in self.client_seeds.items():
-            if not handed or handed != self.seeds[:len(handed)]:
-                raise ValueError(f"the seeds handed to {cid!r} must be a non-empty prefix of the attempt's seeds")
+            places = [position.get(seed, -1) for seed in handed]
+            if not handed or -1 in places or places != sorted(set(places)):
+                raise ValueError(f"the seeds handed to {cid!r} must be some of the attempt's seeds, in its order")
         if quorum < 1:
             raise ValueError("quorum must be >= 1")
         self.quorum = quorum

@@ -161,6 +161,10 @@ def hello_signed_bytes(challenge: Challenge, hello: Hello) -> bytes:
         opt<str>  hello.table_digest
         opt<str>  hello.plan
         raw[32]   hello.public_key
+        (only when hello.blocks is not empty:)
+        u32 u16…  the number of blocks, then each block
+
+    (A hello without blocks signs the bytes it signed before the field existed.)
 
     Args:
         challenge: the challenge the coordinator sent on this connection.
@@ -189,6 +193,8 @@ def hello_signed_bytes(challenge: Challenge, hello: Hello) -> bytes:
         _opt_str(hello.plan),
         _raw(hello.public_key, PUBLIC_KEY_BYTES, "hello.public_key"),
     ]
+    if hello.blocks:
+        parts.append(struct.pack(">I", len(hello.blocks)) + b"".join(struct.pack(">H", b) for b in hello.blocks))
     return b"".join(parts)
 
 

@@ -450,6 +450,7 @@ def test_edgefed_local_restricts_the_scope_to_the_emulators_adapter_and_pins_its
     directory, manifest = emulator
     args = build_parser().parse_args(["--emulator", str(directory)])
     args.emulator_manifest = manifest
+    args.model_layers = 30
     written = tmp_path / "modes.toml"
     written.write_text(modes_config(args), encoding="utf-8")
     parsed = tomllib.loads(written.read_text())
@@ -464,6 +465,7 @@ def test_edgefed_local_restricts_the_scope_to_the_emulators_adapter_and_pins_its
     # Without an emulator nothing of it is set.
     plain = build_parser().parse_args([])
     plain.emulator_manifest = None
+    plain.model_layers = 30
     assert "lora_layers" not in modes_config(plain) and "fedbiot" not in modes_config(plain)
 
 

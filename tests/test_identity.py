@@ -208,7 +208,7 @@ def test_tags_are_distinct_and_prefix_free() -> None:
 # ------------------------------------------------- every covered field matters
 
 HELLO_COVERED = {"protocol_version", "client_id", "device", "mode", "model_hash", "last_round", "table_digest",
-                 "plan", "public_key"}
+                 "plan", "public_key", "blocks"}
 UPDATE_COVERED = {"round", "attempt", "client_id", "pairs", "num_examples", "loss_before", "loss_after", "nonce"}
 CHALLENGE_COVERED = {"protocol_version", "server_nonce", "federation_id"}
 
@@ -235,6 +235,7 @@ HELLO_CHANGES: list[tuple[str, Any]] = [
     ("table_digest", None),
     ("table_digest", "ce" * 32),
     ("public_key", bytes(32)),
+    ("blocks", (3, 4)),
 ]
 if "plan" in {f.name for f in dataclasses.fields(Hello)}:
     HELLO_CHANGES.append(("plan", "mezo, batch 4"))

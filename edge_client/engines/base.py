@@ -196,6 +196,9 @@ class Engine(ABC):
     # A mode that trains through a FedBiOT emulator (the client must hold one) rather than
     # the full model; the chooser offers it to emulator clients only, and only it.
     needs_emulator: ClassVar[bool] = False
+    # A mode that trains one block at a time with the block's own seeds (PROTOCOL.md §5.5):
+    # the chooser offers it only in federations that schedule blocks (block_seeds > 0).
+    needs_block_seeds: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -235,6 +238,13 @@ class Engine(ABC):
         memory (a dropout ratio) overrides this, so a coordinator's value that would not
         fit is run at the nearest one that does."""
         return settings
+
+    @classmethod
+    def announced_blocks(cls, shape: ModelShape, task: TrainingTask, choice: Choice,
+                         blocks: list[int]) -> tuple[int, ...]:
+        """A block mode's hello ``blocks``: which of ``blocks`` this client's memory can
+        train (() for any); other modes announce none."""
+        return ()
 
     def update_settings(self, settings: EngineSettings) -> None:
         """Take the settings of a new round task (they may change from round to round)."""

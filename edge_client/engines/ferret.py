@@ -321,11 +321,34 @@ class FerretEngine(Engine):
             torch.save({"layers": layers, "indices": indices, "values": values.cpu()}, partial)
             partial.replace(self.personal_path)  # a crash never leaves half a file
 
-    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def _optimizer(self, lr: float, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         settings: FerretSettings = self.settings  # type: ignore[assignment]
         if settings.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters, lr=lr, weight_decay=settings.weight_decay)
-        return torch.optim.SGD(self.parameters, lr=lr)
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(parameters, lr=lr)
+
+    # -- what a round trains and sends (a mode that trains part of the space overrides these)
+
+    def _round_parameters(self, plan: RoundPlan) -> list[torch.nn.Parameter]:
+        """The parameters this round's steps train (and clip, and give to the optimizer)."""
+        return self.parameters
+
+    def _round_start_copy(self) -> Any:
+        """What the update is later taken against: a copy of the whole space, padding
+        included, so Δ's padding is 0."""
+        return self.space.flat.detach().clone()
+
+    def _update_scalars(self, start: Any, plan: RoundPlan, personal: torch.Tensor | None) -> list[float]:
+        """Δ = θ − θ_start, checked, less the personal layers, projected onto the seeds."""
+        settings: FerretSettings = self.settings  # type: ignore[assignment]
+        with torch.no_grad():
+            delta = start.neg_().add_(self.space.flat)  # θ − θ_start, in the copy's memory
+        if not bool(torch.isfinite(delta).all()):
+            raise EngineError("the local update is not finite; lower the local learning rate")
+        if personal is not None:  # kept here, not shared
+            self._keep_personal(settings.personal_layers, personal, self.space.flat.detach()[personal].clone())
+            delta[personal] = 0.0
+        return projected_scalars(delta, plan.seeds, plan.learning_rate)
 
     def train_round(self, plan: RoundPlan, data: BatchSource, progress: ProgressFn | None = None) -> LocalUpdate:
         started = time.perf_counter()
@@ -341,8 +364,9 @@ class FerretEngine(Engine):
             if values is not None:  # train on this client's own layers (the round-start copy restores the shared)
                 with torch.no_grad():
                     self.space.flat[indices] = values
-        start = self.space.flat.detach().clone()  # padding included, so Δ's padding is 0
-        optimizer = self._optimizer(lr)
+        trained = self._round_parameters(plan)
+        start = self._round_start_copy()
+        optimizer = self._optimizer(lr, trained)
         first: Any = None
         loss_before = math.nan
         try:
@@ -358,21 +382,14 @@ class FerretEngine(Engine):
                 if step == 0 and not self.probe_before:
                     loss_before = loss
                 if settings.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.parameters, settings.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm)
                 optimizer.step()
                 if progress is not None:
                     progress(step + 1, settings.local_steps, loss)
             optimizer.zero_grad(set_to_none=True)
             del optimizer  # its state (AdamW's moments) is the round's only
             loss_after = self._probe(first)
-            with torch.no_grad():
-                delta = start.neg_().add_(self.space.flat)  # θ − θ_start, in the copy's memory
-            if not bool(torch.isfinite(delta).all()):
-                raise EngineError("the local update is not finite; lower the local learning rate")
-            if personal is not None:  # kept here, not shared
-                self._keep_personal(settings.personal_layers, personal, self.space.flat.detach()[personal].clone())
-                delta[personal] = 0.0
-            scalars = projected_scalars(delta, plan.seeds, plan.learning_rate)
+            scalars = self._update_scalars(start, plan, personal)
         finally:
             for parameter in self.parameters:  # also when a step failed or the round was stopped
                 parameter.grad = None
