@@ -26,7 +26,8 @@ seeds) of a ``fedcybgd`` client for each of several blocks against the same roun
 in both scopes: ``full`` (FedCyBGD's setting: a block is a decoder layer's weights; the
 outer block is the embedding, final norm and tied head) and ``lora`` (the federation's
 default: a block is a layer's adapters). (b) Three ``edgefed-local`` federations on the
-Dirichlet split, identical but for the mode, at equal bytes: every client sends the
+Dirichlet split, identical but for the mode (every client a 4 GiB budget, so each runs
+the whole batch), at equal scalars: every client sends the
 same number of scalars per round (``--block-seeds``, ``--ferret-seeds``,
 ``--local-steps``), and the evaluator scores the held-out loss after every round.
 
@@ -209,12 +210,14 @@ def block_memory_part(settings: dict[str, Any]) -> dict[str, Any]:
 def block_federations(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The three modes at equal bytes: the same scalars per client and round."""
     scalars, rounds = str(settings["scalars"]), settings["block_rounds"]
+    # Every client 4 GiB: each mode runs at the whole batch, so only the mode differs.
+    split = ["--budgets", "4GiB", *SPLIT]
     print(f"\n=== cyclic block updates (b): {rounds} rounds, 3 clients of one mode each run, {scalars} scalars "
           "per client and round, Dirichlet α 0.5", flush=True)
     runs = {
-        "fedcybgd": federation("block", work, rounds, "--block-seeds", scalars, common=["--mode", "fedcybgd", *SPLIT]),
-        "ferret": federation("ferret", work, rounds, "--ferret-seeds", scalars, common=["--mode", "ferret", *SPLIT]),
-        "mezo": federation("mezo", work, rounds, "--local-steps", scalars, common=["--mode", "mezo", *SPLIT]),
+        "fedcybgd": federation("block", work, rounds, "--block-seeds", scalars, common=["--mode", "fedcybgd", *split]),
+        "ferret": federation("ferret", work, rounds, "--ferret-seeds", scalars, common=["--mode", "ferret", *split]),
+        "mezo": federation("mezo", work, rounds, "--local-steps", scalars, common=["--mode", "mezo", *split]),
     }
     print(f"\n  {'round':>5} " + " ".join(f"{name:>10}" for name in runs))
     for index in range(rounds + 1):
