@@ -17,6 +17,13 @@ from coordinator.ledger import Ledger
 from coordinator.server import Coordinator
 from edge_client.model import base_weights_hash, load_model
 from edge_client.tiny import make_tiny_llama
+from profiles.estimator import ModelShape
+
+# SmolLM2-135M-Instruct's shape (its config.json), for memory-model tests without the model.
+SMOLLM2 = ModelShape.from_hf_config({
+    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "intermediate_size": 1536, "head_dim": 64, "tie_word_embeddings": True,
+})
 
 TIMEOUT_S = 120.0
 

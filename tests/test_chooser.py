@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from harness import SMOLLM2
 
 from profiles.chooser import (
     POLICY,
@@ -15,14 +16,9 @@ from profiles.chooser import (
     estimate_mode,
     policy_entry,
 )
-from profiles.estimator import ModelShape
 
 GIB = 1024**3
 
-SMOLLM2 = ModelShape.from_hf_config({
-    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "intermediate_size": 1536, "head_dim": 64, "tie_word_embeddings": True,
-})
 TASK = TrainingTask(scope="full", batch_size=8, max_seq_len=256)
 MEZO = policy_entry("mezo")
 FERRET = policy_entry("ferret")

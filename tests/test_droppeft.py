@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from harness import Tiny, client_status, coordinator, make_tiny, until, write_data
+from harness import SMOLLM2, Tiny, client_status, coordinator, make_tiny, until, write_data
 
 from coordinator.adaptive import AdaptiveSettings
 from coordinator.config import ConfigError, FederationConfig
@@ -20,13 +20,9 @@ from edge_client.engines.droppeft import DropPEFTEngine, DropPEFTSettings, dropo
 from edge_client.model import load_model
 from edge_client.scope import ScopeConfig
 from profiles.chooser import TrainingTask, choose
-from profiles.estimator import ModelShape, estimate
+from profiles.estimator import estimate
 
 GIB = 1024**3
-SMOLLM2 = ModelShape.from_hf_config({
-    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "intermediate_size": 1536, "head_dim": 64, "tie_word_embeddings": True,
-})
 TASK = TrainingTask(scope="lora", batch_size=4, max_seq_len=96)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Tiny, client_status, coordinator, make_tiny, until, write_data
+from harness import SMOLLM2, Tiny, client_status, coordinator, make_tiny, until, write_data
 
 from coordinator.blocks import BlockSchedule, schedule_blocks
 from coordinator.config import ConfigError, FederationConfig
@@ -21,15 +21,10 @@ from edge_client.engines.ferret import FerretEngine
 from edge_client.model import load_model
 from edge_client.scope import ScopeConfig
 from profiles.chooser import Choice, TrainingTask, choose
-from profiles.estimator import ModelShape
 from protocol.blocks import OUTER_BLOCK, block_of, block_seed, block_seed_map
 from protocol.perturb import apply_rademacher, padded_length, project_rademacher
 
 GIB = 1024**3
-SMOLLM2 = ModelShape.from_hf_config({
-    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "intermediate_size": 1536, "head_dim": 64, "tie_word_embeddings": True,
-})
 TASK = TrainingTask(scope="lora", batch_size=4, max_seq_len=96)
 
 
