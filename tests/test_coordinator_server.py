@@ -151,3 +151,24 @@ def test_a_future_major_version_with_a_different_hello_still_gets_a_version_reje
         assert close_code == 1002
 
     asyncio.run(with_coordinator(tmp_path, body))
+
+
+@pytest.mark.parametrize("modes, blocks, why", [
+    ({}, (), "does not offer cyclic block updates"),
+    ({"fedcybgd": {"blocks": 4, "seeds": 2}}, (7, 9), "none of the federation's blocks"),
+])
+def test_a_block_client_the_federation_cannot_serve_is_refused_in_its_hello(tmp_path, modes, blocks, why):
+    import dataclasses
+
+    async def body(coordinator, url):
+        message = dataclasses.replace(hello(), mode="fedcybgd", blocks=blocks)
+        reply, close_code = await handshake(url, message)
+        assert isinstance(reply, Reject) and reply.code == "bad_hello" and why in reply.message
+        assert close_code == 1008
+        async with connect(url) as ws:  # one block it holds is enough
+            codec.decode(await ws.recv())
+            await ws.send(codec.encode(dataclasses.replace(message, client_id="c2", blocks=(3, 7))))
+            served = codec.decode(await ws.recv())
+        assert isinstance(served, Welcome) == bool(modes)
+
+    asyncio.run(with_coordinator(tmp_path, body, scope="lora", seed_pool_size=64, local_steps=2, modes=modes))

@@ -139,6 +139,13 @@ class FedCyBGDEngine(FerretEngine):
             self._blocks_of.append((parameter, block_of(entry.name)))
         self._ranges: tuple[tuple[int, int], ...] = ()
 
+    def train_round(self, plan, data, progress=None):  # type: ignore[no-untyped-def]
+        try:
+            return super().train_round(plan, data, progress)
+        finally:  # no gradients between rounds, also after a failed one
+            for parameter, _ in self._blocks_of:
+                parameter.requires_grad_(False)
+
     def _round_parameters(self, plan: RoundPlan) -> list[torch.nn.Parameter]:
         settings: FedCyBGDSettings = self.settings  # type: ignore[assignment]
         block = settings.block
@@ -175,7 +182,5 @@ class FedCyBGDEngine(FerretEngine):
                 raise EngineError("the local update is not finite; lower the local learning rate")
             projections, _ = project_rademacher(window, plan.seeds, first_word=first)
             totals = [total + value for total, value in zip(totals, projections)]
-        for parameter, _ in self._blocks_of:
-            parameter.requires_grad_(False)
         scale = -1.0 / (plan.learning_rate * len(plan.seeds))
         return [total * scale for total in totals]
