@@ -20,6 +20,7 @@ from edge_client.data import Batch, BatchStream, Record, tokenize
 from edge_client.loss import causal_lm_loss, micro_batched_loss
 from edge_client.model import load_model
 from edge_client.tiny import make_tiny_llama
+from profiles.procmem import release_free_memory
 
 RECORDS = [
     Record("Say hi", "hi there", 1),
@@ -217,7 +218,9 @@ def test_holds_one_chunk_of_logits_at_a_time() -> None:
     causal_lm_loss(model, batch, chunk_tokens=8)  # warm up kernels and thread pools
     # Earlier tests' garbage must not be freed during the call: the resident set would
     # shrink by more than the chunk and hide it from the high-water mark (seen in CI).
-    gc.collect()
+    # And memory they freed must go back to the kernel first, or the chunk may reuse it
+    # without the resident set growing at all (a peak of 0, seen in CI).
+    release_free_memory()
     gc.disable()
     try:
         _CLEAR_REFS.write_text("5")
