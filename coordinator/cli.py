@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in _OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                             help=_HELP.get(name, f"override {name}"))
+    parser.add_argument("--read-token", dest="read_token", default=None,
+                        help="token the page, /status and /metrics require (?token= or Authorization: Bearer); "
+                             "default: $EDGEFED_READ_TOKEN, else [server] read_token, else none in open mode and "
+                             "a generated one (logged) in allow-list mode")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="serve plain ws:// even on a non-loopback host (not recommended)")
     parser.add_argument("--port-file", type=Path, help="write the listening port here once serving")
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s coordinator %(levelname)s %(message)s")
     overrides = {name: getattr(args, name) for name in _OVERRIDES}
     overrides["insecure"] = args.insecure
+    # The environment keeps the secret out of `ps`; a flag beats it, the config file yields to both.
+    overrides["read_token"] = args.read_token or os.environ.get("EDGEFED_READ_TOKEN") or None
     try:
         config = load_config(args.config, overrides)
         allowlist = load_allowlist(config.allowlist) if config.allowlist else None

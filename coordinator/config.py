@@ -58,6 +58,7 @@ Example (every key optional except where noted)::
     insecure = false            # ... unless this is true
     max_connections_per_address = 256    # open TCP connections one IP address may hold
     max_connections_in_handshake = 1024  # connections, over all addresses, not past their hello
+    read_token = "..."          # guards the page, /status and /metrics (?token= or Bearer); see below
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ MAX_SYNC_PAIRS = 150_000
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_READ_TOKEN = re.compile(r"[A-Za-z0-9_.~-]{16,256}")  # URL-safe: travels as ?token= unescaped
 
 
 class ConfigError(ValueError):
@@ -160,6 +162,10 @@ class FederationConfig:
         max_connections_in_handshake: connections, over all addresses, that have not
             said hello yet; at the cap the oldest of them is dropped to make room, so
             connections from many addresses (an IPv6 prefix) cannot exhaust the process.
+        read_token: the token the page (``/``), ``/status``, ``/metrics`` and the page's
+            feed require (``?token=`` or ``Authorization: Bearer``; 16 to 256 of
+            [A-Za-z0-9_.~-]); None: reads are open, except in allow-list mode, where the
+            coordinator generates one at start and logs the page's address with it.
     """
 
     model_hash: str
@@ -201,6 +207,7 @@ class FederationConfig:
     insecure: bool = False
     max_connections_per_address: int = 256
     max_connections_in_handshake: int = 1024
+    read_token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -280,6 +287,8 @@ class FederationConfig:
         for key in ("max_connections_per_address", "max_connections_in_handshake"):
             if not 1 <= getattr(self, key) <= 1_000_000:
                 raise bad(key, "must be between 1 and 1000000")
+        if self.read_token is not None and not _READ_TOKEN.fullmatch(self.read_token):
+            raise ConfigError("read_token: must be 16 to 256 characters of [A-Za-z0-9_.~-]")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise bad("tls_cert", "tls_cert and tls_key go together")
         try:
@@ -417,6 +426,17 @@ class FederationConfig:
         return AggregationRule(method=self.aggregation, trim_fraction=self.aggregation_trim,
                                clip=self.aggregation_clip, max_examples=self.aggregation_max_examples)
 
+    def public_settings(self) -> dict[str, Any]:
+        """The settings the live page shows: the federation's, not the host's (no
+        paths, no keys, no token)."""
+        hidden = {"pool_key", "read_token", "ledger_path", "allowlist", "tls_cert", "tls_key", "host", "port",
+                  "insecure", "quorum"}
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
+        settings["quorum"] = self.commit_quorum
+        settings["access"] = "allow-list" if self.allowlist else "open"
+        settings["transport"] = "wss" if self.tls_cert else "ws"
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+
     def identity(self) -> dict[str, str]:
         """The settings a ledger is bound to: changing them under an existing ledger is refused."""
         return {
@@ -478,7 +498,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     "server": {"host": "host", "port": "port", "allowlist": "allowlist", "tls_cert": "tls_cert",
                "tls_key": "tls_key", "insecure": "insecure",
                "max_connections_per_address": "max_connections_per_address",
-               "max_connections_in_handshake": "max_connections_in_handshake"},
+               "max_connections_in_handshake": "max_connections_in_handshake", "read_token": "read_token"},
 }
 
 

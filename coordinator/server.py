@@ -4,7 +4,9 @@ It never loads model weights. Per connection it speaks the handshake (challenge,
 welcome/reject) and then relays messages between the socket and the round driver; the
 rules of a round live in :mod:`protocol.round`, the arithmetic in
 :mod:`coordinator.aggregate`, storage in :mod:`coordinator.ledger`. A plain HTTP GET on
-``/status`` of the same port returns the federation's state as JSON.
+``/status`` of the same port returns the federation's state as JSON; ``/`` is a live page
+of it, ``/metrics`` its Prometheus metrics (:mod:`coordinator.dashboard`,
+:mod:`coordinator.metrics`).
 
 Connections are metered and gated here too (:class:`MeteredConnection`,
 :class:`ConnectionGate`): every byte each connection reads from and writes to its
@@ -26,11 +28,9 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from http import HTTPStatus
 from typing import Any, ClassVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -45,7 +45,9 @@ from coordinator.allowlist import (
     verify_update,
 )
 from coordinator.config import BLOCK_MODE, FederationConfig
+from coordinator.dashboard import LIVE_PATH, ChangeFeed, Dashboard
 from coordinator.ledger import Contribution, Ledger, LedgerError
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.personal_lr import ClientStatistics, personalised_rates
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
@@ -93,6 +95,7 @@ MAX_QUEUED_FRAMES = 4  # received frames buffered per connection while its handl
 MAX_ABS_LOSS = 1e30  # a reported loss beyond this is refused: summing such losses overflows the round's mean
 FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
 ROUND_METERS_KEPT = 64  # per-round figures kept for /status (it shows the last 51 rounds)
+PAGE_HISTORY_ROUNDS = 1000  # rounds the page's charts get (and eval losses kept)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class ClientSession:
     busy_round: int | None = None  # round it is training, until its update arrives
     fingerprint: str | None = None
     flagged: bool = False
+    flag_reason: str | None = None  # why it is flagged, for the page and /status
+    refusals: Counter[str] = field(default_factory=Counter)  # its refused updates, by error code
     last_loss_before: float | None = None
     last_loss_after: float | None = None
     rounds_participated: int = 0  # updates accepted from it
@@ -155,6 +160,12 @@ class Coordinator:
 
     def __init__(self, config: FederationConfig, ledger: Ledger, *, allowlist: Allowlist | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """Raises ValueError where the federation cannot be served (see _check_block_seeds).
+
+        ``config.read_token`` guards the page, /status and /metrics; in allow-list mode
+        without one a token is generated (:attr:`read_token`, logged at start): who takes
+        part in a closed federation is not for anyone who can reach the port.
+        """
         self.config = config
         self.ledger = ledger
         self.adaptive = AdaptiveSettings(config.modes, ledger)  # per-client tuned mode settings
@@ -176,7 +187,22 @@ class Coordinator:
         self.pool_key = int(stored_pool_key or 0)
         self.sessions: dict[str, ClientSession] = {}
         self.machine: RoundMachine | None = None
-        self.gate = ConnectionGate(config.max_connections_per_address, config.max_connections_in_handshake)
+        self.metrics = CoordinatorMetrics(
+            clients_connected=lambda: (sum(s.mode != OBSERVER_MODE for s in self.sessions.values()),
+                                       sum(s.mode == OBSERVER_MODE for s in self.sessions.values())),
+            clients_flagged=lambda: sum(s.flagged for s in self.sessions.values()),
+            committed_round=self.ledger.last_round,
+            dashboard_viewers=lambda: self.dashboard.viewers)
+        self.gate = ConnectionGate(config.max_connections_per_address, config.max_connections_in_handshake,
+                                   metrics=self.metrics)
+        self.read_token = config.read_token
+        if self.read_token is None and allowlist is not None:
+            self.read_token = secrets.token_urlsafe(24)
+        self.feed = ChangeFeed()
+        self.dashboard = Dashboard(status=self.status, snapshot=self.snapshot, metrics=self.metrics.exposition,
+                                   feed=self.feed, read_token=self.read_token)
+        self._eval_losses: dict[int, dict[str, float]] = {}  # round -> observer -> its held-out loss
+        self._attempt_started: float | None = None  # monotonic time the open attempt's tasks went out
         self._round_meters: dict[int, RoundMeter] = {}  # rounds this process committed, the last few
         # client_id -> (wire bytes of the rounds it trained, rounds it trained), in this process
         self._client_wire: dict[str, tuple[int, int]] = {}
@@ -255,6 +281,7 @@ class Coordinator:
                 logger.warning(OPEN_MODE_WARNING)
             else:
                 logger.info("allow-list mode: %d client keys", len(self.allowlist))
+            logger.info("page: %s", self.page_url())
             if self.config.quorum_defeats_robustness:
                 logger.warning("quorum %d is below %d: a round of aggregation '%s' that commits on fewer than %d "
                                "updates uses the clipped unweighted mean, which one client can move",
@@ -275,6 +302,15 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def page_url(self, host: str | None = None) -> str:
+        """The live page's address (with the read token, if reads need one)."""
+        scheme = "https" if self.ssl_context else "http"
+        host = host or self.config.host
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        token = f"?token={self.read_token}" if self.read_token else ""
+        return f"{scheme}://{host}:{self.port}/{token}"
 
     async def _say_goodbye(self, reason: str) -> None:
         async def goodbye(session: ClientSession) -> None:
@@ -309,6 +345,7 @@ class Coordinator:
 
     def _poke(self) -> None:
         self._changed.set()
+        self.feed.bump()  # open pages refresh
 
     async def _drive_rounds(self) -> None:
         config = self.config
@@ -424,6 +461,8 @@ class Coordinator:
         for session in chosen:
             session.busy_round = round_number
         self._assigned = {session.client_id: session for session in chosen}
+        self._attempt_started = time.monotonic()
+        self._poke()  # the page shows the open round
         for session in chosen:  # in the background, as _broadcast does: a client that does not read holds up no one
             self._spawn(self._send_safely(session, tasks[session.client_id]))
         finished = await self._wait_for(lambda: machine.is_ready() or self._no_one_left_to_answer(machine),
@@ -434,6 +473,7 @@ class Coordinator:
                 logger.warning("round %d attempt %d abandoned: %d of %d updates, quorum %d%s",
                                round_number, attempt, len(machine.updates), len(chosen), quorum,
                                "" if finished else " (deadline)")
+                self.metrics.attempts_abandoned.labels(reason="quorum").inc()
                 self._release(chosen)
                 return False
         # A client flagged (fingerprint mismatch) after it got the task is left out.
@@ -442,6 +482,7 @@ class Coordinator:
         if flagged and len(updates) < quorum:
             logger.warning("round %d attempt %d abandoned: %d updates once flagged clients (%s) are left out, "
                            "quorum %d", round_number, attempt, len(updates), ", ".join(sorted(flagged)), quorum)
+            self.metrics.attempts_abandoned.labels(reason="quorum").inc()
             self._release(chosen)
             return False
         # The seeds some received update carries: seeds only clients that did not answer
@@ -453,6 +494,7 @@ class Coordinator:
                                            rate_scales={cid: rate / config.learning_rate for cid, rate in rates.items()})
         except TableError as error:
             logger.error("round %d attempt %d: aggregation failed: %s", round_number, attempt, error)
+            self.metrics.attempts_abandoned.labels(reason="aggregation").inc()
             self._release(chosen)
             return False
         log_report(report)
@@ -462,14 +504,20 @@ class Coordinator:
             for u in updates
         ]
         try:
+            commit_started = time.perf_counter()
             record = self.ledger.commit_round(round_number, attempt, report.coefficients, contributions)
+            self.metrics.ledger_commit.observe(time.perf_counter() - commit_started)
             self.replay_guard.committed(round_number)
         except (LedgerError, TableError) as error:
             # Nothing was written: abandon this attempt, keep serving, retry with new seeds.
             logger.error("round %d attempt %d could not be committed: %s", round_number, attempt, error)
+            self.metrics.attempts_abandoned.labels(reason="ledger").inc()
             self._release(chosen)
             return False
         machine.committed()
+        self.metrics.rounds_committed.inc()
+        if self._attempt_started is not None:
+            self.metrics.round_duration.observe(time.monotonic() - self._attempt_started)
         if self.statistics is not None:
             for update in updates:
                 self.statistics.observe(update.client_id, update.loss_after, [value for _, value in update.pairs])
@@ -538,6 +586,7 @@ class Coordinator:
             for client_id in reported:
                 if client_id in self.sessions:
                     self.sessions[client_id].flagged = False
+                    self.sessions[client_id].flag_reason = None
             return
         majority = ranked[0][0]
         for client_id, value in reported.items():
@@ -546,12 +595,15 @@ class Coordinator:
                 continue
             disagrees = value != majority
             if disagrees and not session.flagged:
+                self.metrics.fingerprint_mismatches.inc()
                 logger.warning("client %s: fingerprint of round %d disagrees with the majority; "
                                "left out of rounds and told to resync", client_id, round_number)
                 self._spawn(self._send_safely(session, Error(
                     code="fingerprint_mismatch", round=round_number, field="fingerprint.fingerprint",
                     message=f"your model after round {round_number} differs from the majority's; resync")))
             session.flagged = disagrees
+            session.flag_reason = (f"its fingerprint of round {round_number} differs from the majority's"
+                                   if disagrees else None)
 
     def _log_fingerprint_agreement(self, round_number: int) -> None:
         reported = self.ledger.fingerprints(round_number)
@@ -606,6 +658,10 @@ class Coordinator:
         return codec.decode(frame)
 
     async def _handle(self, connection: MeteredConnection) -> None:
+        if connection.request is not None and connection.request.path.split("?", 1)[0] == LIVE_PATH:
+            self.gate.said_hello(connection)  # a page, let in by process_request: not a pending handshake
+            await self.dashboard.serve_live(connection)
+            return
         nonce = secrets.token_bytes(32)
         session: ClientSession | None = None
         try:
@@ -758,10 +814,14 @@ class Coordinator:
                 update = machine.unpack(received)  # the seeds it answers are the ones handed to it
             outcome = machine.receive(update)
         except UpdateRefused as refusal:
+            self.metrics.updates_refused.labels(reason=refusal.code).inc()
+            session.refusals[refusal.code] += 1
+            self._poke()
             await self._send_safely(session, Error(code=refusal.code, message=refusal.message,
                                                    field=refusal.field, round=refusal.round))
             return
         if not outcome.duplicate:
+            self.metrics.updates_accepted.inc()
             self.adaptive.update_received(session.client_id, update.round, update.loss_before, update.loss_after)
             session.rounds_participated += 1
             session.busy_round = None
@@ -800,6 +860,10 @@ class Coordinator:
                          report.round, error)
         session.round = report.round
         session.fingerprint = report.fingerprint
+        if report.eval_loss is not None and session.mode == OBSERVER_MODE:
+            self._eval_losses.setdefault(report.round, {})[session.client_id] = report.eval_loss
+            while len(self._eval_losses) > PAGE_HISTORY_ROUNDS:
+                del self._eval_losses[min(self._eval_losses)]
         self._check_fingerprints(report.round)
         if report.round < self.ledger.last_round() and session.busy_round is None:
             # It missed a commit (it was welcomed or reconnected meanwhile): catch it up.
@@ -840,11 +904,15 @@ class Coordinator:
             "first_task_at": self.first_task_at,
             "open_round": None if machine is None or machine.state in (RoundState.COMMITTED, RoundState.ABANDONED)
             else {"round": machine.round, "attempt": machine.attempt, "assigned": sorted(machine.assigned),
-                  "received": sorted(machine.updates)},
+                  "received": sorted(machine.updates), "quorum": machine.quorum,
+                  "deadline_at": None if self._attempt_started is None
+                  else round(time.time() + self.config.deadline_s - (time.monotonic() - self._attempt_started), 1)},
             "clients": [
                 {"client_id": s.client_id, "mode": s.mode, "plan": s.plan, "device": asdict(s.device),
                  "round": s.round,
-                 "busy_round": s.busy_round, "fingerprint": s.fingerprint, "flagged": s.flagged,
+                 "busy_round": s.busy_round, "fingerprint": s.fingerprint,
+                 "agrees": self._agrees(s), "flagged": s.flagged, "flag_reason": s.flag_reason,
+                 "refusals": dict(sorted(s.refusals.items())),
                  "loss_before": s.last_loss_before, "loss_after": s.last_loss_after,
                  "rounds_participated": s.rounds_participated,
                  "adaptive": self.adaptive.status(s.client_id, s.mode),
@@ -858,6 +926,7 @@ class Coordinator:
                 {"round": r.round, "attempt": r.attempt, "num_updates": r.num_updates,
                  "loss_before": r.loss_before, "loss_after": r.loss_after, "committed_at": r.committed_at,
                  "fingerprints": len(set(reports.values())), "fingerprint_reports": reports,
+                 "eval_loss": self._eval_loss(r.round),
                  **self._round_meter_status(r.round)}
                 for r in recent
                 for reports in (self.ledger.fingerprints(r.round),)
@@ -865,6 +934,43 @@ class Coordinator:
             "aggregation": {"method": self.config.aggregation, "robust_min_values": ROBUST_MIN_VALUES,
                             "quorum": self.config.commit_quorum},
         }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the live page shows: ``/status`` and the federation's settings, the
+        per-round history of its charts, and the ledger's head. Nothing beyond /status
+        about any client."""
+        last = self.ledger.last_round()
+        records = self.ledger.rounds_between(max(0, last - PAGE_HISTORY_ROUNDS), last)
+        history = []
+        for record in records:
+            meter = self._round_meters.get(record.round)
+            history.append({"round": record.round, "num_updates": record.num_updates,
+                            "loss_before": record.loss_before, "loss_after": record.loss_after,
+                            "eval_loss": self._eval_loss(record.round),
+                            "wire_bytes_up": None if meter is None else meter.wire_bytes_up,
+                            "wire_bytes_down": None if meter is None else meter.wire_bytes_down,
+                            "committed_at": record.committed_at})
+        head = records[-1] if records else None
+        return {**self.status(), "config": self.config.public_settings(), "history": history,
+                "ledger": {"head_round": last,
+                           # Round 0's table is empty (PROTOCOL.md §6.4).
+                           "table_digest": table_digest(()) if head is None else head.table_digest,
+                           "committed_at": None if head is None else head.committed_at}}
+
+    def _agrees(self, session: ClientSession) -> bool | None:
+        """Whether the client's last fingerprint is its round's majority; None before it
+        reported or while its round has no majority (one report, or an even split)."""
+        if session.fingerprint is None or session.round < 0:
+            return None
+        ranked = Counter(self.ledger.fingerprints(session.round).values()).most_common(2)
+        if not ranked or ranked[0][1] < 2 or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+            return None if not session.flagged else False
+        return session.fingerprint == ranked[0][0]
+
+    def _eval_loss(self, round_number: int) -> float | None:
+        """The held-out loss observers reported for the round (their mean); None if none."""
+        losses = self._eval_losses.get(round_number)
+        return sum(losses.values()) / len(losses) if losses else None
 
     def _wire_bytes_per_round(self, client_id: str) -> float | None:
         """Mean bytes (both directions) on the client's connection per round it trained in
@@ -882,12 +988,7 @@ class Coordinator:
                 "values_min": meter.values_min, "robust": meter.robust}
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] not in ("/status", "/status/"):
-            return None  # a websocket upgrade (or a 426 from websockets for other plain GETs)
-        body = json.dumps(self.status(), indent=2).encode()
-        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                           ("Connection", "close")])
-        return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
+        return self.dashboard.respond(connection, request)
 
 
 class _TextFrame(Exception):
@@ -921,7 +1022,10 @@ class _CountingTransport:
         self._connection = connection
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._connection.wire_bytes_down += memoryview(data).nbytes
+        size = memoryview(data).nbytes
+        self._connection.wire_bytes_down += size
+        if (metrics := self._connection.gate.metrics) is not None:
+            metrics.bytes_out.inc(size)
         self._transport.write(data)
 
     def writelines(self, chunks: Any) -> None:
@@ -954,6 +1058,8 @@ class MeteredConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         self.wire_bytes_up += len(data)
+        if (metrics := self.gate.metrics) is not None:
+            metrics.bytes_in.inc(len(data))
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -977,9 +1083,10 @@ class ConnectionGate:
     worth of new connections while it answers its challenge to push it out.
     """
 
-    def __init__(self, per_address: int, in_handshake: int) -> None:
+    def __init__(self, per_address: int, in_handshake: int, *, metrics: CoordinatorMetrics | None = None) -> None:
         self.per_address = per_address
         self.in_handshake = in_handshake
+        self.metrics = metrics  # counts refusals and evictions, and the bytes of the connections it admits
         self._open_from: Counter[str] = Counter()
         # Connections that have not said hello, oldest first (dicts keep insertion order).
         self._waiting: dict[MeteredConnection, None] = {}
@@ -995,6 +1102,8 @@ class ConnectionGate:
             oldest = next(iter(self._waiting_from.get(address, ())), None)
             if oldest is None:
                 self.refused += 1
+                if self.metrics is not None:
+                    self.metrics.connections_refused.labels(reason="address_cap").inc()
                 logger.debug("refusing a connection from %s: its %d connections have all said hello",
                              address, self.per_address)
                 return False
@@ -1051,6 +1160,8 @@ class ConnectionGate:
                      connection.gate_address, why)
         self.release(connection)  # now: its connection_lost comes later, from the event loop
         self.evicted += 1
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(reason="evicted").inc()
         connection.transport.abort()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import secrets
@@ -228,8 +229,10 @@ class EdgeClient:
         self._challenge: Challenge | None = None  # of the current connection; updates are bound to it
         # A blocking hook called in a worker thread each time the model reaches a new
         # ledger round (after its fingerprint is sent), before the next message is read:
-        # the evaluator scores that round's model here. Apps use callbacks.on_sync.
-        self.on_round: Callable[[int], None] | None = None
+        # the evaluator scores that round's model here. Apps use callbacks.on_sync. An
+        # observer's hook may return the held-out loss it measured: it is reported to the
+        # coordinator in a second fingerprint (PROTOCOL.md §4.3), for its page.
+        self.on_round: Callable[[int], float | None] | None = None
         self.stopping = False
         self.finished = False
         self.rounds_trained = 0
@@ -805,7 +808,12 @@ class EdgeClient:
             self._last_hooked_round = self.sync.round
             self.callbacks.emit("on_sync", SyncEvent(self.sync.round, fingerprint, how))
             if self.on_round is not None:
-                await asyncio.to_thread(self.on_round, self.sync.round)
+                held_out = await asyncio.to_thread(self.on_round, self.sync.round)
+                if (held_out is not None and math.isfinite(held_out) and self.observer
+                        and self.sync.round == self._last_hooked_round):
+                    await self._send(connection, Fingerprint(round=self.sync.round, fingerprint=fingerprint,
+                                                             table_digest=self.sync.table_digest(),
+                                                             eval_loss=held_out))
 
 
 def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         emulator = None if args.emulator is None else EmulatorScorer(args.emulator,
                                                                       expect_base_hash=client.model_hash)
 
-        def on_round(round_number: int) -> None:
+        def on_round(round_number: int) -> float:
             assert client.federation is not None and client.sync is not None
             evaluator.max_seq_len = client.federation.max_seq_len
             extra = None
@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 if emulator.space is None:
                     emulator.attach(federation_scope(client.federation), client.federation.perturbation)
                 extra = {"emulator_eval_loss": evaluator.emulator_loss(emulator, client.sync.space.values())}
-            evaluator.score(client.model, client.tokenizer, round_number,
-                            generate=evaluator.wants_generation(round_number), extra=extra)
+            entry = evaluator.score(client.model, client.tokenizer, round_number,
+                                    generate=evaluator.wants_generation(round_number), extra=extra)
+            return float(entry["eval_loss"])  # the daemon reports it to the coordinator's page
 
         client.on_round = on_round
         asyncio.run(client.run(handle_signals=True))

@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                   if args.emulator is not None and (args.mode == "auto" or needs_emulator(args.mode))
                   else []),
             ], run_dir, env))
-        print(f"[4/4] {args.clients} clients training {args.rounds} rounds; status: http://127.0.0.1:{port}/status")
+        print(f"[4/4] {args.clients} clients training {args.rounds} rounds; live page: http://127.0.0.1:{port}/ "
+              f"(status: http://127.0.0.1:{port}/status, metrics: http://127.0.0.1:{port}/metrics)")
         status = follow(processes, port, args.rounds, metrics_path, progress, run_dir / "status.json",
                         wall_budget_s=args.wall_budget)
         if evaluator is not None and status is not None:

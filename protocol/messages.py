@@ -1253,13 +1253,18 @@ class Fingerprint(_Record):
         round: the round the client is at.
         fingerprint: SHA-256 (hex) of the client's model state.
         table_digest: digest of the client's table.
+        eval_loss: an observer's (e.g. an evaluator's) held-out loss of the round's model,
+            for the coordinator's page; None (omitted on the wire) otherwise. Added after
+            the message: peers that predate it never send it.
     """
 
     TYPE: ClassVar[str] = "fingerprint"
+    _OMITTED_WHEN_DEFAULT: ClassVar[frozenset[str]] = frozenset({"eval_loss"})
 
     round: RoundField
     fingerprint: DigestField
     table_digest: DigestField
+    eval_loss: Annotated[float | None, OptionalKind(F64)] = None
 
 
 @_schema

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.allowlist import Allowlist
 from coordinator.config import FederationConfig
 from coordinator.ledger import Ledger
 from coordinator.server import Coordinator
@@ -60,8 +61,10 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = TIMEO
 
 
 @contextlib.asynccontextmanager
-async def coordinator(tmp_path: Path, tiny: Tiny, **overrides: Any) -> AsyncIterator[Coordinator]:
-    """A real coordinator (defaults: one client, every round needs its update)."""
+async def coordinator(tmp_path: Path, tiny: Tiny, *, allow: Allowlist | None = None,
+                      **overrides: Any) -> AsyncIterator[Coordinator]:
+    """A real coordinator (defaults: one client, every round needs its update; open mode
+    unless ``allow`` is given)."""
     settings: dict[str, Any] = dict(
         model_hash=tiny.model_hash, port=0, ledger_path=str(tmp_path / "ledger.db"), rounds=1, min_clients=1,
         clients_per_round=1, quorum=1, deadline_s=60, pool_key=7, seed_pool_size=64, local_steps=3,
@@ -69,7 +72,7 @@ async def coordinator(tmp_path: Path, tiny: Tiny, **overrides: Any) -> AsyncIter
     settings.update(overrides)
     config = FederationConfig(**settings)
     with Ledger(config.ledger_path) as ledger:
-        server = Coordinator(config, ledger)
+        server = Coordinator(config, ledger, allowlist=allow)
         task = asyncio.create_task(server.run())
         await until(lambda: server.port is not None or task.done(), "the coordinator to listen", 30)
         if task.done():
