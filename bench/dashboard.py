@@ -50,8 +50,8 @@ BIN = Path(sys.executable).parent
 ROUND_WATCH = """
 window.__roundSeen = window.__roundSeen || {};
 const target = document.getElementById('round');
-const stamp = () => { const r = Number(target.textContent);
-                      if (!(r in window.__roundSeen)) window.__roundSeen[r] = Date.now(); };
+const stamp = () => { const r = Number(target.textContent);  // "-" before the first snapshot
+                      if (Number.isInteger(r) && !(r in window.__roundSeen)) window.__roundSeen[r] = Date.now(); };
 new MutationObserver(stamp).observe(target, {childList: true, characterData: true, subtree: true});
 stamp();
 """

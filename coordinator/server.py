@@ -49,6 +49,7 @@ from coordinator.dashboard import LIVE_PATH, ChangeFeed, Dashboard
 from coordinator.ledger import Contribution, Ledger, LedgerError
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.personal_lr import ClientStatistics, personalised_rates
+from coordinator.rules import bind_ledger, draw_clients, draw_seeds, federation_info, sync_response
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
 from protocol.messages import (
@@ -56,7 +57,6 @@ from protocol.messages import (
     Challenge,
     DeviceProfile,
     Error,
-    FederationInfo,
     Fingerprint,
     Goodbye,
     Hello,
@@ -64,9 +64,7 @@ from protocol.messages import (
     PackedUpdate,
     Reject,
     RoundCommit,
-    RoundEntry,
     RoundTask,
-    ScopeSpec,
     SyncRequest,
     SyncResponse,
     Update,
@@ -177,14 +175,7 @@ class Coordinator:
                 for contribution in ledger.contributions(committed):
                     self.statistics.observe(contribution.client_id, contribution.loss_after,
                                             [value for _, value in contribution.pairs])
-        for key, value in config.identity().items():
-            ledger.set_meta_once(key, value)
-        if config.pool_key is not None:
-            ledger.set_meta_once("pool_key", str(config.pool_key))  # refuses a different stored key
-        elif ledger.get_meta("pool_key") is None:
-            ledger.set_meta_once("pool_key", str(secrets.randbits(63)))
-        stored_pool_key = ledger.get_meta("pool_key")
-        self.pool_key = int(stored_pool_key or 0)
+        self.pool_key = bind_ledger(config, ledger)  # refuses another federation's ledger or pool key
         self.sessions: dict[str, ClientSession] = {}
         self.machine: RoundMachine | None = None
         self.metrics = CoordinatorMetrics(
@@ -222,29 +213,7 @@ class Coordinator:
         self.allowlist = allowlist
         self.ssl_context = ssl_context
         self.replay_guard = ReplayGuard(committed_round=ledger.last_round())
-        self.federation = FederationInfo(
-            federation_id=config.federation_id,
-            model_name=config.model_name,
-            model_hash=config.model_hash,
-            scope=ScopeSpec(
-                kind=config.scope,
-                lora_rank=config.lora_rank if config.scope == "lora" else 0,
-                lora_alpha=config.lora_alpha,
-                lora_targets=tuple(config.lora_targets) if config.scope == "lora" else (),
-                lora_init_seed=config.lora_init_seed,
-                lora_layers=tuple(config.lora_layers) if config.scope == "lora" else (),
-            ),
-            seed_pool_size=config.seed_pool_size,
-            rebase_every=config.rebase_every,
-            perturbation=config.perturbation,
-            aggregation=config.aggregation,
-            learning_rate=config.learning_rate,
-            epsilon=config.epsilon,
-            local_steps=config.local_steps,
-            batch_size=config.batch_size,
-            max_seq_len=config.max_seq_len,
-            block_seeds=config.block_seeds,
-        )
+        self.federation = federation_info(config)
         # Cyclic block updates (FedCyBGD): which block each block client trains.
         self.block_schedule = config.block_schedule()
         if self.block_schedule is not None:
@@ -378,9 +347,7 @@ class Coordinator:
         return True
 
     def _seeds_for(self, round_number: int, attempt: int, count: int) -> list[int]:
-        rng = random.Random(f"{self.pool_key}:{round_number}:{attempt}")
-        indices = rng.sample(range(self.config.seed_pool_size), count)
-        return [pool_seed(self.pool_key, index) for index in indices]
+        return draw_seeds(self.pool_key, self.config.seed_pool_size, round_number, attempt, count)
 
     def _block_seeds_for(self, round_number: int, attempt: int, block: int, count: int) -> list[int]:
         """``count`` distinct seeds of ``block``'s (PROTOCOL.md §5.5), drawn for the attempt;
@@ -427,8 +394,7 @@ class Coordinator:
     async def _run_attempt(self, round_number: int, attempt: int) -> bool:
         config = self.config
         ready = sorted(self._ready_clients(), key=lambda s: s.client_id)
-        rng = random.Random(f"clients:{self.pool_key}:{round_number}:{attempt}")
-        chosen = rng.sample(ready, min(config.clients_per_round, len(ready)))
+        chosen = draw_clients(self.pool_key, round_number, attempt, ready, config.clients_per_round)
         # As many seeds as the chosen clients' modes need; each client gets a prefix.
         # Block clients (FedCyBGD) get their block's own seeds, after the others.
         by_block = [s for s in chosen if s.mode == BLOCK_MODE and self.block_schedule is not None]
@@ -871,20 +837,7 @@ class Coordinator:
         self._poke()
 
     def _sync_response(self, have_round: int) -> SyncResponse:
-        target = self.ledger.last_round()
-        rebase = target - target % self.config.rebase_every
-        base = have_round if rebase <= have_round <= target else rebase
-        rounds = self.ledger.rounds_between(base, target)
-        # The client rebuilds from the table only at a rebase round (or the base weights);
-        # from its own non-rebase round it applies the rounds on top of what it holds.
-        table = tuple(self.ledger.table_at(base)) if base % self.config.rebase_every == 0 else ()
-        return SyncResponse(
-            target_round=target,
-            base_round=base,
-            table=table,
-            rounds=tuple(RoundEntry(round=r.round, coefficients=r.coefficients) for r in rounds),
-            table_digest=rounds[-1].table_digest if rounds else table_digest(self.ledger.table_at(target)),
-        )
+        return sync_response(self.ledger, self.config.rebase_every, have_round)
 
     # -- status ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 It trains like any client and then corrupts what it reports, the way a Byzantine client
 would: ``sign_flip`` sends ``-scale * g`` for every seed (the attack issue #10 measures
-robust aggregation against: scale 100), ``constant`` sends ``scale`` for every seed,
+robust aggregation against: scale 100), ``scale`` sends ``scale * g``, ``constant`` sends ``scale`` for every seed,
 ``noise`` sends Gaussian noise of standard deviation ``scale``. Its updates are signed
 when it has a key: an allowed client is the threat robust aggregation exists for.
 
@@ -24,7 +24,7 @@ from protocol.table import fl32
 
 __all__ = ["ATTACKS", "AdversarialClient", "poison"]
 
-ATTACKS = ("sign_flip", "constant", "noise")
+ATTACKS = ("sign_flip", "scale", "constant", "noise")
 # Keep every value a finite float32 the codec accepts, however large the scale.
 _LIMIT = 1e30
 
@@ -33,6 +33,8 @@ def poison(value: float, attack: str, scale: float, rng: random.Random) -> float
     """The value an adversary reports instead of the honest projected gradient ``value``."""
     if attack == "sign_flip":
         bad = -scale * value
+    elif attack == "scale":  # the honest direction, blown up: what norm clipping exists for
+        bad = scale * value
     elif attack == "constant":
         bad = scale
     elif attack == "noise":

@@ -55,7 +55,8 @@ from edge_client.engines import (
 from edge_client.events import ClientCallbacks, PlanEvent, RoundEndEvent, RoundStartEvent, StepEvent, SyncEvent
 from edge_client.identity import ClientIdentity
 from edge_client.model import base_weights_hash, load_model, resolve_model
-from edge_client.scope import ScopeConfig, build_space
+from edge_client.replica import federation_scope, federation_task
+from edge_client.scope import build_space
 from edge_client.space import round_copy_directory, sweep_stale_copies
 from edge_client.sync import ModelSync, RoundCoefficients, SyncError
 from profiles.chooser import Choice, ModeUnavailable, NoModeFits, PolicyEntry, TrainingTask, choose, policy_entry
@@ -441,8 +442,7 @@ class EdgeClient:
             FatalClientError: nothing fits the memory budget, or the forced mode does not
                 fit or is not available; the message names the estimate and the budget.
         """
-        task = TrainingTask(scope=federation.scope.kind, batch_size=federation.batch_size,
-                            max_seq_len=federation.max_seq_len, lora_rank=federation.scope.lora_rank or 8)
+        task = federation_task(federation)
         self.federation_task = task
         try:
             return plan_training(self.shape, task, self.report, copies=self.config.copies,
@@ -725,25 +725,8 @@ class EdgeClient:
                     result.seconds, result.loss_before, result.loss_after)
 
     def _make_update(self, task: RoundTask, result: LocalUpdate, encoding: str = "pairs") -> Update | PackedUpdate:
-        """The signed (when this client has a key) update reporting ``result``: an
-        ``update`` of (seed, value) pairs, or the ``packed_update`` the task's
-        ``value_encoding`` asks for (PROTOCOL.md §4.3.1)."""
-        # num_examples: what the scalars were computed from this round, not the dataset
-        # size (PROTOCOL.md: the aggregation weight of the update).
-        common = dict(round=task.round, attempt=task.attempt, client_id=self.config.client_id,
-                      num_examples=result.num_examples, loss_before=result.loss_before,
-                      loss_after=result.loss_after, nonce=secrets.token_bytes(16), signature=None)
-        update: Update | PackedUpdate
-        if encoding == "pairs":
-            update = Update(pairs=result.pairs, **common)
-        else:
-            try:
-                scale, packed = pack_values([value for _, value in result.pairs], encoding)
-                update = PackedUpdate(encoding=encoding, scale=scale, values=packed, **common)
-            except ValueEncodingError as error:  # e.g. beyond float32: the pairs carry it
-                logger.warning("round %d: cannot send the values as %s (%s); sending pairs", task.round,
-                               encoding, error)
-                update = Update(pairs=result.pairs, **common)
+        """The update reporting ``result`` (:func:`build_update`), signed when this client has a key."""
+        update = build_update(task, result, self.config.client_id, encoding)
         if self.identity is not None and self._challenge is not None:
             update = self.identity.sign_update(self._challenge, update)
         return update
@@ -816,6 +799,25 @@ class EdgeClient:
                                                              eval_loss=held_out))
 
 
+def build_update(task: RoundTask, result: LocalUpdate, client_id: str, encoding: str = "pairs"
+                 ) -> Update | PackedUpdate:
+    """The unsigned update reporting ``result``: an ``update`` of (seed, value) pairs, or
+    the ``packed_update`` the task's ``value_encoding`` asks for (PROTOCOL.md §4.3.1)."""
+    # num_examples: what the scalars were computed from this round, not the dataset
+    # size (PROTOCOL.md: the aggregation weight of the update).
+    common = dict(round=task.round, attempt=task.attempt, client_id=client_id,
+                  num_examples=result.num_examples, loss_before=result.loss_before,
+                  loss_after=result.loss_after, nonce=secrets.token_bytes(16), signature=None)
+    if encoding != "pairs":
+        try:
+            scale, packed = pack_values([value for _, value in result.pairs], encoding)
+            return PackedUpdate(encoding=encoding, scale=scale, values=packed, **common)
+        except ValueEncodingError as error:  # e.g. beyond float32: the pairs carry it
+            logger.warning("round %d: cannot send the values as %s (%s); sending pairs", task.round,
+                           encoding, error)
+    return Update(pairs=result.pairs, **common)
+
+
 def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
     """Where the base copy and the round-start snapshot live: "memory" or "file".
 
@@ -826,15 +828,6 @@ def copies_location(copies: str, device_kind: str, scope_kind: str) -> str:
     if copies != "auto":
         return copies
     return "file" if device_kind == "cpu" and scope_kind == "full" else "memory"
-
-
-def federation_scope(federation: FederationInfo) -> ScopeConfig:
-    """The scope the federation announced (its welcome's ``scope``), as :mod:`edge_client.scope` builds it."""
-    return ScopeConfig(kind=federation.scope.kind, lora_rank=federation.scope.lora_rank or 8,
-                       lora_alpha=federation.scope.lora_alpha,
-                       lora_targets=tuple(federation.scope.lora_targets) or ("q_proj", "v_proj"),
-                       lora_init_seed=federation.scope.lora_init_seed,
-                       lora_layers=tuple(federation.scope.lora_layers))
 
 
 def plan_training(shape: ModelShape, task: TrainingTask, report: DeviceReport, *, copies: str,

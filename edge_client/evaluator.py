@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads, federation_scope
+from edge_client.daemon import ClientConfig, EdgeClient, FatalClientError, client_threads
+from edge_client.replica import federation_scope
 from edge_client.data import DataError, resolve_prompt_format
 from edge_client.evaluate import EvalResult, evaluate, load_eval_records
 from edge_client.model import DEFAULT_MODEL, ModelLoadError, load_model, resolve_model

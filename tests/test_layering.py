@@ -54,6 +54,30 @@ RULES = [
     ("profiles", {"edgefed"}, ()),
     ("exporter", {"edgefed"}, ()),
     ("edgefed", {"bitsandbytes"}, ()),
+    # edgefed-sim plays clients against a coordinator it runs as a process, over the wire:
+    # it never reaches into the coordinator, and nothing the federation runs depends on it.
+    ("simulation", {"coordinator", "edgefed", "exporter"}, ()),
+    ("protocol", {"simulation"}, ()),
+    ("coordinator", {"simulation"}, ()),
+    ("edge_client", {"simulation"}, ()),
+    ("profiles", {"simulation"}, ()),
+    ("exporter", {"simulation"}, ()),
+    ("edgefed", {"simulation"}, ()),
+    # Ray is the simulation's only: its actor module alone imports it.
+    ("simulation", {"ray"}, ("ray_host.py", "cli.py")),
+    # The Flower adapter: its client side trains (the client's engines), its server side
+    # keeps the ledger (the coordinator's rules), and neither reaches into the other.
+    ("flower_adapter", {"edge_client", "profiles", "torch", "transformers", "peft", "bitsandbytes"},
+     ("client_app.py", "host.py")),
+    ("flower_adapter", {"coordinator", "sqlite3"}, ("strategy.py", "server_app.py", "federation.py")),
+    ("flower_adapter", {"exporter", "edgefed", "websockets", "simulation"}, ()),
+    ("protocol", {"flower_adapter", "flwr"}, ()),
+    ("coordinator", {"flower_adapter", "flwr"}, ()),
+    ("edge_client", {"flower_adapter", "flwr"}, ()),
+    ("profiles", {"flower_adapter", "flwr"}, ()),
+    ("exporter", {"flower_adapter", "flwr"}, ()),
+    ("edgefed", {"flower_adapter", "flwr"}, ()),
+    ("simulation", {"flower_adapter", "flwr"}, ()),
 ]
 
 # Modules allowed one import of a name computed at run time, and why: the engine registry
