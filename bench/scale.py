@@ -136,12 +136,51 @@ async def load_coordinator(sessions: int, rounds: int) -> dict[str, Any]:
                 await ws.close()
             return {"sessions": sessions, "join_s": round(join_s, 2),
                     "coordinator_rss_mb_idle": rss_idle, "coordinator_rss_mb_peak": rss_peak,
-                    "rss_kib_per_session": round((rss_idle or 0) * 1024 / sessions, 1) if rss_idle else None,
                     "rounds_per_s": round(rounds / span, 2),
                     "ms_per_round": round(1000 * span / rounds, 1)}
         finally:
             coordinator.terminate()
             coordinator.wait(30)
+
+
+def round_at_scale(updates: int, seeds: int, rounds: int) -> dict[str, Any]:
+    """The coordinator's compute for one round of ``updates`` updates of ``seeds`` scalars
+    each, measured on its own code: the per-seed robust aggregation, and the ledger
+    commit (coefficients + every contribution's pairs), and the ledger's growth per round."""
+    import random
+    import statistics
+
+    from coordinator.aggregate import AggregationRule, aggregate_with_report
+    from coordinator.ledger import Contribution, Ledger
+    from protocol.messages import Update
+    from protocol.seeds import pool_seed
+
+    rng = random.Random(0)
+    aggregate_s, commit_s = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ledger.db"
+        with Ledger(str(path)) as ledger:
+            for number in range(1, rounds + 1):
+                round_seeds = [pool_seed(7, (number * seeds + i) % 4096) for i in range(seeds)]
+                batch = [Update(round=number, attempt=0, client_id=f"c{j}",
+                                pairs=tuple((seed, rng.gauss(0.0, 1.0)) for seed in round_seeds), num_examples=4,
+                                loss_before=2.0, loss_after=1.9, nonce=os.urandom(16), signature=None)
+                         for j in range(updates)]
+                started = time.perf_counter()
+                report = aggregate_with_report(round_seeds, batch, 1e-4, AggregationRule())
+                aggregate_s.append(time.perf_counter() - started)
+                contributions = [Contribution(u.client_id, u.num_examples, u.loss_before, u.loss_after,
+                                              tuple(u.pairs)) for u in batch]
+                started = time.perf_counter()
+                ledger.commit_round(number, 0, report.coefficients, contributions)
+                commit_s.append(time.perf_counter() - started)
+        wal = path.with_name(path.name + "-wal")
+        size = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    return {"updates": updates, "seeds": seeds, "rounds": rounds,
+            "aggregate_s_median": round(statistics.median(aggregate_s), 3),
+            "commit_s_median": round(statistics.median(commit_s), 3),
+            "ledger_bytes_per_round": round(size / rounds),
+            "ledger_bytes_per_contributed_scalar": round(size / (rounds * updates * seeds), 1)}
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -167,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--availability", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--clients-per-round", type=int, default=6)
+    parser.add_argument("--clients-per-round", type=int, default=4)
     parser.add_argument("--sessions", default="500,1000,2000", help="observer counts for part 2")
     parser.add_argument("--load-rounds", type=int, default=20)
     parser.add_argument("--timeout", type=int, default=3600)
@@ -181,19 +220,42 @@ def main(argv: list[str] | None = None) -> int:
         summary = None if args.skip_sim else run_simulation(args, Path(tmp) / "sim")
     details["simulation"] = summary
     print("== the coordinator under connected clients (no model; clients in this process) ==")
-    print(f"{'sessions':>9s} {'join s':>7s} {'RSS MiB':>8s} {'KiB/session':>12s} {'rounds/s':>9s} {'ms/round':>9s}")
+    print(f"{'sessions':>9s} {'join s':>7s} {'RSS MiB':>8s} {'rounds/s':>9s} {'ms/round':>9s}")
     points = []
     for sessions in (int(s) for s in args.sessions.split(",")):
         point = asyncio.run(load_coordinator(sessions, args.load_rounds))
         points.append(point)
         print(f"{sessions:9d} {point['join_s']:7.1f} {point['coordinator_rss_mb_idle'] or 0:8.1f} "
-              f"{point['rss_kib_per_session'] or 0:12.1f} {point['rounds_per_s']:9.2f} {point['ms_per_round']:9.1f}")
+              f"{point['rounds_per_s']:9.2f} {point['ms_per_round']:9.1f}")
     details["coordinator_load"] = points
+    print("== one round's aggregation and ledger commit at scale (the coordinator's own code) ==")
+    scale_rounds = [round_at_scale(updates, 1024, 3) for updates in ((10, 100) if args.quick else (10, 100, 1000))]
+    for point in scale_rounds:
+        print(f"  {point['updates']:5d} updates x {point['seeds']} seeds: aggregate {point['aggregate_s_median']:.3f} s, "
+              f"commit {point['commit_s_median']:.3f} s, ledger +{point['ledger_bytes_per_round'] / 2**20:.2f} MiB "
+              f"({point['ledger_bytes_per_contributed_scalar']} B per scalar)")
+    details["round_at_scale"] = scale_rounds
+    # What one more connected client costs the coordinator: the slope between the
+    # smallest and the largest point (the intercept is the process itself).
+    low, high = points[0], points[-1]
+    marginal_kib = ((high["coordinator_rss_mb_idle"] - low["coordinator_rss_mb_idle"]) * 1024
+                    / (high["sessions"] - low["sessions"])) if len(points) > 1 else None
+    marginal_ms = ((high["ms_per_round"] - low["ms_per_round"]) / (high["sessions"] - low["sessions"])
+                   if len(points) > 1 else None)
+    print(f"per connected client: {marginal_kib:.1f} KiB of coordinator RSS, {marginal_ms:.3f} ms per round"
+          if marginal_kib is not None else "")
     line = {key: (summary or {}).get(key) for key in ("virtual_clients", "model_copies", "peak_rss_mb",
                                                       "rounds_per_hour", "eval_loss_before", "eval_loss_after",
                                                       "fingerprints_agree", "coordinator_rss_mb")}
     line["peak_rss_mb_per_node"] = (summary or {}).get("peak_rss_mb_per_node")
     line["coordinator_ms_per_round_at_sessions"] = {p["sessions"]: p["ms_per_round"] for p in points}
+    line["coordinator_kib_per_session"] = None if marginal_kib is None else round(marginal_kib, 1)
+    line["coordinator_ms_per_round_per_session"] = None if marginal_ms is None else round(marginal_ms, 4)
+    line["round_at_scale"] = {p["updates"]: {"aggregate_s": p["aggregate_s_median"], "commit_s": p["commit_s_median"],
+                                             "ledger_mib": round(p["ledger_bytes_per_round"] / 2**20, 2)}
+                              for p in scale_rounds}
+    line["ledger_bytes_per_round"] = (round(summary["ledger_bytes"] / summary["rounds"])
+                                      if summary and summary.get("ledger_bytes") and summary.get("rounds") else None)
     path = write_result("scale-quick" if args.quick else "scale", line, details)
     print(f"full result: {path}")
     print(json.dumps(line))

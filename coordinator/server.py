@@ -46,6 +46,7 @@ from coordinator.allowlist import (
 )
 from coordinator.config import BLOCK_MODE, FederationConfig
 from coordinator.dashboard import LIVE_PATH, ChangeFeed, Dashboard
+from coordinator.fingerprints import FingerprintBook
 from coordinator.ledger import Contribution, Ledger, LedgerError
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.personal_lr import ClientStatistics, personalised_rates
@@ -193,6 +194,9 @@ class Coordinator:
         self.dashboard = Dashboard(status=self.status, snapshot=self.snapshot, metrics=self.metrics.exposition,
                                    feed=self.feed, read_token=self.read_token)
         self._eval_losses: dict[int, dict[str, float]] = {}  # round -> observer -> its held-out loss
+        # Recent rounds' fingerprint reports in memory (the ledger keeps them durably).
+        self.fingerprint_book = FingerprintBook(ledger.fingerprints, keep=ROUND_METERS_KEPT)
+        self._majorities: dict[int, str | None] = {}  # the majority each recent round's check last saw
         self._attempt_started: float | None = None  # monotonic time the open attempt's tasks went out
         self._round_meters: dict[int, RoundMeter] = {}  # rounds this process committed, the last few
         # client_id -> (wire bytes of the rounds it trained, rounds it trained), in this process
@@ -541,29 +545,37 @@ class Coordinator:
 
     # -- fingerprints ---------------------------------------------------------------------
 
-    def _check_fingerprints(self, round_number: int) -> None:
-        reported = self.ledger.fingerprints(round_number)
+    def _check_fingerprints(self, round_number: int, client_id: str) -> None:
+        """Flag the clients whose fingerprint of the round is not its majority's. Only the
+        reporting client is looked at, unless the majority itself changed with its report
+        (then everyone who reported for the round is): O(1) per report, not O(N)."""
+        book = self.fingerprint_book
+        reported = book.reports(round_number)
         if len(reported) < 2:
             return
-        ranked = Counter(reported.values()).most_common(2)
-        if len(ranked) == 2 and ranked[0][1] == ranked[1][1]:
-            logger.warning("round %d: fingerprints split evenly %s; no majority, nobody flagged",
-                           round_number, dict(Counter(reported.values())))
-            for client_id in reported:
-                if client_id in self.sessions:
-                    self.sessions[client_id].flagged = False
-                    self.sessions[client_id].flag_reason = None
+        majority = book.majority(round_number)
+        changed = self._majorities.get(round_number, "") != majority
+        self._majorities[round_number] = majority
+        while len(self._majorities) > ROUND_METERS_KEPT:
+            del self._majorities[min(self._majorities)]
+        if majority is None:
+            if changed:
+                logger.warning("round %d: fingerprints split evenly %s; no majority, nobody flagged",
+                               round_number, dict(book.counts(round_number)))
+            for cid in (reported if changed else (client_id,)):
+                if cid in self.sessions:
+                    self.sessions[cid].flagged = False
+                    self.sessions[cid].flag_reason = None
             return
-        majority = ranked[0][0]
-        for client_id, value in reported.items():
-            session = self.sessions.get(client_id)
+        for cid in (reported if changed else (client_id,)):
+            session = self.sessions.get(cid)
             if session is None:
                 continue
-            disagrees = value != majority
+            disagrees = reported[cid] != majority
             if disagrees and not session.flagged:
                 self.metrics.fingerprint_mismatches.inc()
                 logger.warning("client %s: fingerprint of round %d disagrees with the majority; "
-                               "left out of rounds and told to resync", client_id, round_number)
+                               "left out of rounds and told to resync", cid, round_number)
                 self._spawn(self._send_safely(session, Error(
                     code="fingerprint_mismatch", round=round_number, field="fingerprint.fingerprint",
                     message=f"your model after round {round_number} differs from the majority's; resync")))
@@ -572,7 +584,7 @@ class Coordinator:
                                    if disagrees else None)
 
     def _log_fingerprint_agreement(self, round_number: int) -> None:
-        reported = self.ledger.fingerprints(round_number)
+        reported = self.fingerprint_book.reports(round_number)
         distinct = set(reported.values())
         logger.info("round %d: %d fingerprints, %d distinct", round_number, len(reported), len(distinct))
 
@@ -830,7 +842,8 @@ class Coordinator:
             self._eval_losses.setdefault(report.round, {})[session.client_id] = report.eval_loss
             while len(self._eval_losses) > PAGE_HISTORY_ROUNDS:
                 del self._eval_losses[min(self._eval_losses)]
-        self._check_fingerprints(report.round)
+        self.fingerprint_book.record(report.round, session.client_id, report.fingerprint)
+        self._check_fingerprints(report.round, session.client_id)
         if report.round < self.ledger.last_round() and session.busy_round is None:
             # It missed a commit (it was welcomed or reconnected meanwhile): catch it up.
             self._spawn(self._send_safely(session, self._sync_response(report.round)))
@@ -882,7 +895,7 @@ class Coordinator:
                  "eval_loss": self._eval_loss(r.round),
                  **self._round_meter_status(r.round)}
                 for r in recent
-                for reports in (self.ledger.fingerprints(r.round),)
+                for reports in (dict(sorted(self.fingerprint_book.reports(r.round).items())),)
             ],
             "aggregation": {"method": self.config.aggregation, "robust_min_values": ROBUST_MIN_VALUES,
                             "quorum": self.config.commit_quorum},
@@ -915,10 +928,10 @@ class Coordinator:
         reported or while its round has no majority (one report, or an even split)."""
         if session.fingerprint is None or session.round < 0:
             return None
-        ranked = Counter(self.ledger.fingerprints(session.round).values()).most_common(2)
-        if not ranked or ranked[0][1] < 2 or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        majority = self.fingerprint_book.majority(session.round)
+        if majority is None:
             return None if not session.flagged else False
-        return session.fingerprint == ranked[0][0]
+        return session.fingerprint == majority
 
     def _eval_loss(self, round_number: int) -> float | None:
         """The held-out loss observers reported for the round (their mean); None if none."""

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     federation.add_argument("--rounds", type=int, default=5)
     federation.add_argument("--clients-per-round", type=int, default=10)
     federation.add_argument("--quorum", type=int, default=None)
+    federation.add_argument("--min-clients", type=int, default=None,
+                            help="ready clients a round waits for (default: --clients-per-round)")
     federation.add_argument("--deadline-s", type=float, default=300.0)
     federation.add_argument("--scope", default="lora", choices=("lora", "full"))
     federation.add_argument("--url", default=None, help="join this coordinator instead of starting one")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                               + (["--quorum", str(args.quorum)] if args.quorum else []))
             port_file = run_dir / "port"
             command = coordinator_command(local, model_hash, run_dir, port_file) + [
-                "--min-clients", str(min(args.clients_per_round, max(1, args.quorum or 1))),
+                "--min-clients", str(args.min_clients or args.clients_per_round),
                 "--deadline-s", str(args.deadline_s), "--commit-wait-s", "10",
                 # every virtual client connects from this machine's address
                 "--max-connections-per-address", str(args.clients + 64)]

@@ -71,6 +71,21 @@ async def raw_hello(url: str, **fields: Any) -> tuple[Any, Any]:
     return ws, codec.decode(await ws.recv())
 
 
+def start_clients(tmp_path: Path, tiny: Tiny, url: str) -> tuple[list[EdgeClient], EdgeClient, list[Any]]:
+    """Two tiny-model training clients and an observer that reports a held-out loss of
+    ``3 - round / 4`` each round (as edgefed-eval reports its own), running in this loop."""
+    clients = [EdgeClient(ClientConfig(url=url, client_id=name, model=str(tiny.directory), device="cpu",
+                                       data_path=str(write_data(tmp_path / f"{name}.jsonl", 12, i * 12)),
+                                       copies="memory", cache_dir=str(tmp_path / "cache")))
+               for i, name in enumerate(("alpha", "beta"))]
+    observer = EdgeClient(ClientConfig(url=url, client_id="evaluator", data_path=None, model=str(tiny.directory),
+                                       mode="observe", cache_dir=str(tmp_path / "cache")))
+    observer.on_round = lambda round_number: 3.0 - round_number / 4
+    for client in (*clients, observer):
+        client.prepare()
+    return clients, observer, [asyncio.create_task(client.run()) for client in (*clients, observer)]
+
+
 def test_the_page_is_served_with_a_policy_that_runs_only_its_own_script(tmp_path):
     async def body() -> None:
         async with coordinator(tmp_path, NO_MODEL) as server:
@@ -210,17 +225,7 @@ def test_metrics_and_the_page_follow_real_rounds_and_an_evaluators_loss(tmp_path
         async with coordinator(tmp_path, tiny, rounds=0, min_clients=2, clients_per_round=2, quorum=2,
                                commit_wait_s=30) as server:
             url = f"ws://127.0.0.1:{server.port}"
-            clients = [EdgeClient(ClientConfig(url=url, client_id=name, model=str(tiny.directory), device="cpu",
-                                               data_path=str(write_data(tmp_path / f"{name}.jsonl", 12, i * 12)),
-                                               copies="memory", cache_dir=str(tmp_path / "cache")))
-                       for i, name in enumerate(("alpha", "beta"))]
-            observer = EdgeClient(ClientConfig(url=url, client_id="evaluator", data_path=None,
-                                               model=str(tiny.directory), mode="observe",
-                                               cache_dir=str(tmp_path / "cache")))
-            observer.on_round = lambda round_number: 3.0 - round_number / 4  # stands in for a held-out loss
-            for client in (*clients, observer):
-                client.prepare()
-            running = [asyncio.create_task(client.run()) for client in (*clients, observer)]
+            clients, observer, running = start_clients(tmp_path, tiny, url)
             snapshots: list[dict[str, Any]] = []
 
             def at_round_two() -> bool:  # everyone holds round 2 and the observer's loss for it is in

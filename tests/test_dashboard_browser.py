@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from bench._browser import BrowserMissing, headless_chromium
-from edge_client.daemon import ClientConfig, EdgeClient
-from tests.harness import coordinator, make_tiny, until, write_data
-from tests.test_dashboard import HOSTILE, raw_hello
+from tests.harness import coordinator, make_tiny, until
+from tests.test_dashboard import HOSTILE, raw_hello, start_clients
 
 pytestmark = pytest.mark.integration
 
@@ -57,17 +56,7 @@ def test_the_page_shows_a_running_federation_live_and_renders_hostile_text_inert
             # A watcher whose free-text fields carry markup and script (client ids cannot: test_dashboard.py).
             hostile, _ = await raw_hello(url, client_id="hostile", plan=HOSTILE, device_name=HOSTILE,
                                          model_hash=tiny.model_hash)
-            clients = [EdgeClient(ClientConfig(url=url, client_id=name, model=str(tiny.directory), device="cpu",
-                                               data_path=str(write_data(tmp_path / f"{name}.jsonl", 12, i * 12)),
-                                               copies="memory", cache_dir=str(tmp_path / "cache")))
-                       for i, name in enumerate(("alpha", "beta"))]
-            observer = EdgeClient(ClientConfig(url=url, client_id="evaluator", data_path=None,
-                                               model=str(tiny.directory), mode="observe",
-                                               cache_dir=str(tmp_path / "cache")))
-            observer.on_round = lambda round_number: 3.0 - round_number / 4  # stands in for a held-out loss
-            for client in (*clients, observer):
-                client.prepare()
-            running = [asyncio.create_task(client.run()) for client in (*clients, observer)]
+            clients, observer, running = start_clients(tmp_path, tiny, url)
             await until(lambda: server.ledger.last_round() >= 2 and 2 in server._eval_losses, "2 rounds")
 
             def look() -> dict[str, Any]:
