@@ -70,6 +70,7 @@ def fetch_json(url: str) -> Any:
 
 def start_federation(work: Path, clients: int, model: str | None) -> tuple[list[subprocess.Popen[bytes]], int]:
     """A coordinator (unbounded rounds) and ``clients`` clients; returns them and the port."""
+    model_is_tiny = model is None
     if model is None:
         from edge_client.tiny import make_tiny_llama
 
@@ -81,9 +82,11 @@ def start_federation(work: Path, clients: int, model: str | None) -> tuple[list[
     logs.mkdir(exist_ok=True)
     coordinator = subprocess.Popen(
         [str(BIN / "edgefed-coordinator"), "--model-hash", model_hash, "--port", str(port), "--rounds", "0",
+         "--model-name", "tiny-random-llama" if model_is_tiny else Path(model).name,
          "--ledger-path", str(work / "ledger.db"), "--min-clients", str(clients), "--clients-per-round",
          str(clients), "--quorum", str(clients), "--local-steps", "3", "--batch-size", "2", "--max-seq-len", "64",
-         "--learning-rate", "1e-3", "--deadline-s", "120"],
+         # 1e-4: the tiny random model stays stable for the thousand rounds the benchmark commits
+         "--learning-rate", "1e-4", "--deadline-s", "120"],
         stdout=(logs / "coordinator.log").open("wb"), stderr=subprocess.STDOUT)
     processes = [coordinator]
     for index in range(clients):
@@ -96,6 +99,16 @@ def start_federation(work: Path, clients: int, model: str | None) -> tuple[list[
             [str(BIN / "edgefed-client"), "--url", f"ws://127.0.0.1:{port}", "--client-id", f"client-{index}",
              "--data", str(data), "--model", model, "--device", "cpu", "--cache-dir", str(work / "cache")],
             stdout=(logs / f"client-{index}.log").open("wb"), stderr=subprocess.STDOUT))
+    # An evaluator, as edgefed-local runs one: its held-out loss reaches the page through its fingerprints.
+    heldout = work / "heldout.jsonl"
+    with heldout.open("w") as out:
+        for i in range(1000, 1016):
+            out.write(json.dumps({"instruction": f"What is {i % 17} plus {i % 13}?",
+                                  "response": f"{i % 17 + i % 13}"}) + "\n")
+    processes.append(subprocess.Popen(
+        [str(BIN / "edgefed-eval"), "--url", f"ws://127.0.0.1:{port}", "--client-id", "evaluator", "--model", model,
+         "--heldout", str(heldout), "--loss-only", "--cache-dir", str(work / "cache")],
+        stdout=(logs / "evaluator.log").open("wb"), stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
