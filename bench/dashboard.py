@@ -151,6 +151,21 @@ def load_page(driver: Any, url: str) -> tuple[float, int]:
     return float(drawn_at), int(transferred)
 
 
+def tag_screenshot(png: Path, result: Path) -> None:
+    """Record in the PNG's text chunks the commit it was taken at, as every result file
+    does ({"commit": ..., "result": ...}; Pillow re-saves it losslessly)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    git = json.loads(result.read_text())["environment"]["git"]
+    info = PngInfo()
+    info.add_text("Software", "bench/dashboard.py")
+    info.add_text("Comment", json.dumps({"commit": git["commit"], "dirty": git["dirty"], "result": result.name}))
+    with Image.open(png) as image:
+        image.load()
+    image.save(png, pnginfo=info)
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
             "max": round(max(values), 2), "n": len(values)}
@@ -243,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "screenshot": str(screenshot.relative_to(REPO_ROOT)),
     }
     path = write_result("dashboard", line, figures)
+    tag_screenshot(screenshot, path)
     print(f"full result: {path}; screenshot: {screenshot}")
     print(json.dumps(line))
     return 0
