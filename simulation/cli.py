@@ -37,6 +37,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from websockets.exceptions import InvalidHandshake
+
 from edge_client.daemon import plan_training
 from edge_client.data import DataError
 from edge_client.local_federation import SHIPPED_DATA, build_parser as local_parser, coordinator_command
@@ -111,6 +113,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         DataError: a line is not a JSON object (the message names it).
     """
     records = []
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -242,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             url = f"ws://127.0.0.1:{port_file.read_text()}"
         status_url = url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/") + "/status"
-        federation = read_federation(url)
+        try:
+            federation = read_federation(url)
+        except (OSError, TimeoutError, RuntimeError, InvalidHandshake) as error:
+            print(f"edgefed-sim: cannot reach the coordinator at {url}: {error}", file=sys.stderr)
+            return 2
         from transformers import AutoConfig
 
         shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir).to_dict())

@@ -141,3 +141,17 @@ def test_edgefed_sim_runs_on_a_ray_cluster(tmp_path):
     assert summary["eval_loss_before"] is not None and summary["eval_loss_after"] is not None
     assert summary["peak_rss_mb"] > 0 and summary["coordinator_rss_mb"] > 0
     assert "online" in run.stdout  # progress as the coordinator saw it
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--clients", "0"], "clients must be >= 1"),
+    (["--device-mix", "lots:1"], "neither a memory size"),
+    (["--data", "/nonexistent.jsonl"], "data file not found"),
+    (["--clients", "20", "--heldout", "4", "--url", "ws://127.0.0.1:1"], "cannot reach the coordinator"),
+])
+def test_edgefed_sim_refuses_bad_input_in_one_line(tmp_path, capsys, argv, says):
+    from simulation.cli import main
+
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
