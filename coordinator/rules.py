@@ -14,11 +14,15 @@ from typing import TypeVar
 
 from coordinator.config import FederationConfig
 from coordinator.ledger import Ledger
-from protocol.messages import FederationInfo, RoundEntry, ScopeSpec, SyncResponse
+from protocol.messages import FederationInfo, PackedUpdate, RoundEntry, ScopeSpec, SyncResponse, Update
+from protocol.round import UpdateRefused
 from protocol.seeds import pool_seed
 from protocol.table import table_digest
 
-__all__ = ["bind_ledger", "draw_clients", "draw_seeds", "federation_info", "sync_response"]
+__all__ = ["MAX_ABS_LOSS", "bind_ledger", "check_losses", "draw_clients", "draw_seeds", "federation_info",
+           "sync_response"]
+
+MAX_ABS_LOSS = 1e30  # a reported loss beyond this is refused: summing such losses overflows the round's mean
 
 _T = TypeVar("_T")
 
@@ -88,3 +92,15 @@ def sync_response(ledger: Ledger, rebase_every: int, have_round: int) -> SyncRes
         rounds=tuple(RoundEntry(round=r.round, coefficients=r.coefficients) for r in rounds),
         table_digest=rounds[-1].table_digest if rounds else table_digest(ledger.table_at(target)),
     )
+
+
+def check_losses(update: Update | PackedUpdate) -> None:
+    """Refuse an update whose reported losses could overflow the round's mean (PROTOCOL.md §7.2).
+
+    Raises:
+        UpdateRefused: invalid_field, naming the loss.
+    """
+    for name in ("loss_before", "loss_after"):
+        if abs(getattr(update, name)) > MAX_ABS_LOSS:
+            raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=update.round,
+                                field=f"{update.TYPE}.{name}")

@@ -50,7 +50,7 @@ from coordinator.fingerprints import FingerprintBook
 from coordinator.ledger import Contribution, Ledger, LedgerError
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.personal_lr import ClientStatistics, personalised_rates
-from coordinator.rules import bind_ledger, draw_clients, draw_seeds, federation_info, sync_response
+from coordinator.rules import bind_ledger, check_losses, draw_clients, draw_seeds, federation_info, sync_response
 from protocol import codec, limits
 from protocol.errors import PeerProtocolError, VersionMismatch
 from protocol.messages import (
@@ -91,7 +91,6 @@ PING_INTERVAL_S = 20.0  # keepalive ping period (PROTOCOL.md §2)
 PING_TIMEOUT_S = 60.0  # a peer that leaves a ping unanswered this long is dropped
 CLOSE_TIMEOUT_S = 10.0  # a close not completed within this aborts the TCP connection
 MAX_QUEUED_FRAMES = 4  # received frames buffered per connection while its handler is busy (each <= 4 MiB)
-MAX_ABS_LOSS = 1e30  # a reported loss beyond this is refused: summing such losses overflows the round's mean
 FINAL_FINGERPRINT_WAIT_S = 120.0  # after the last round, how long to wait for fingerprints
 ROUND_METERS_KEPT = 64  # per-round figures kept for /status (it shows the last 51 rounds)
 PAGE_HISTORY_ROUNDS = 1000  # rounds the page's charts get (and eval losses kept)
@@ -784,10 +783,7 @@ class Coordinator:
             if machine is None:
                 raise UpdateRefused("round_not_open", "no round is open", round=received.round,
                                     field=f"{received.TYPE}.round")
-            for name in ("loss_before", "loss_after"):
-                if abs(getattr(received, name)) > MAX_ABS_LOSS:
-                    raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=received.round,
-                                        field=f"{received.TYPE}.{name}")
+            check_losses(received)
             if isinstance(received, PackedUpdate):
                 update = machine.unpack(received)  # the seeds it answers are the ones handed to it
             outcome = machine.receive(update)

@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import Strategy
 from coordinator.aggregate import ROBUST_METHODS, aggregate_with_report, log_report
 from coordinator.config import FederationConfig
 from coordinator.ledger import CommittedRound, Contribution, Ledger, LedgerError
+from coordinator.rules import check_losses
 from flower_adapter.federation import (
     bind_ledger,
     check_supported,
@@ -67,7 +68,6 @@ SYNC_RETRIES = 2  # per message: first what the copy asked for, then a full snap
 FAILED_ATTEMPTS_TO_ABORT = 2  # attempts in a row in which every answer was an error
 HOLDER_MEMORY_ROUNDS = 2  # a model copy not heard from for this many Flower rounds is forgotten
 NODE_WAIT_POLL_S = 0.2
-MAX_ABS_LOSS = 1e30  # as coordinator.server's: a larger reported loss would overflow the round's mean
 
 
 class AbortedFederation(RuntimeError):
@@ -446,10 +446,7 @@ class SeedScalarStrategy(Strategy):
         if received.client_id != client_id:
             raise UpdateRefused("wrong_client", f"the update names client {received.client_id!r}",
                                 round=received.round, field=f"{received.TYPE}.client_id")
-        for name in ("loss_before", "loss_after"):  # the coordinator's check 7 (PROTOCOL.md §7.2)
-            if abs(getattr(received, name)) > MAX_ABS_LOSS:
-                raise UpdateRefused("invalid_field", f"|{name}| exceeds {MAX_ABS_LOSS:g}", round=received.round,
-                                    field=f"{received.TYPE}.{name}")
+        check_losses(received)  # the coordinator's check 7 (PROTOCOL.md §7.2)
         update: Update = machine.unpack(received) if isinstance(received, PackedUpdate) else received
         machine.receive(update)
 
